@@ -1,0 +1,30 @@
+"""``python -m robustdl.zoo train NAME`` retrains a bundled model; ``list`` shows them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from robustdl import zoo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m robustdl.zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the recipes and which weights are bundled")
+    train = sub.add_parser("train", help="train a model by its recipe and write weights and card")
+    train.add_argument("name", choices=sorted(zoo.RECIPES))
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, recipe in sorted(zoo.RECIPES.items()):
+            mark = "bundled" if name in zoo.available() else "not bundled"
+            print(f"{name:20s} {mark:12s} {recipe.description}")
+    else:
+        model_card = zoo.train(args.name, device=args.device, progress=False if args.no_progress else None)
+        print(json.dumps(model_card, indent=2))
+
+
+if __name__ == "__main__":
+    main()
