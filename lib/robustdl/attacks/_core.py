@@ -55,3 +55,63 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = cross_en
             )
         (grad,) = torch.autograd.grad(loss(logits, y).sum(), x)
     return grad
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """The classification margin :math:`z_y - \\max_{j \\ne y} z_j` per example, shape (N,).
+
+    Negative exactly when the example is misclassified (ties count as misclassified).
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return true - others.amax(dim=1)
+
+
+def is_adversarial(model: nn.Module, x_adv: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Whether each ``x_adv`` fools ``model``: any wrong label, or the ``target`` label if given."""
+    with torch.no_grad():
+        pred = model(x_adv).argmax(dim=1)
+    return pred != y if target is None else pred == target
+
+
+def adversarial_loss(model: nn.Module, x_adv: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """The per-example loss an attack maximises: CE of the true label, or minus CE of the target."""
+    with torch.no_grad():
+        logits = model(x_adv)
+    return cross_entropy(logits, y) if target is None else -cross_entropy(logits, target)
+
+
+#: One run of an attack on a batch: ``attack_once(x, y, target) -> x_adv``.
+AttackOnce = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def best_of_restarts(
+    attack_once: AttackOnce,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    restarts: int,
+) -> Tensor:
+    """Run ``attack_once`` up to ``restarts`` times and keep the best result per example.
+
+    As AutoAttack's ``perturb`` does, each restart runs only on the examples not yet broken.
+    An example keeps its first adversarial result; an example never broken keeps the result
+    of highest :func:`adversarial_loss` over the restarts.
+    """
+    best = x.clone()
+    best_loss = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        todo = (~broken).nonzero().flatten()
+        if len(todo) == 0:
+            break
+        t = None if target is None else target[todo]
+        candidate = attack_once(x[todo], y[todo], t)
+        success = is_adversarial(model, candidate, y[todo], t)
+        loss = adversarial_loss(model, candidate, y[todo], t)
+        better = success | (loss > best_loss[todo])
+        best[todo[better]] = candidate[better]
+        best_loss[todo[better]] = loss[better]
+        broken[todo[success]] = True
+    return best
