@@ -6,5 +6,23 @@ the model, restores the model's train/eval mode, and respects its threat model
 """
 
 from robustdl.attacks.gradient import fgsm
+from robustdl.attacks.optimisation import cw_l0, cw_l2, cw_linf, lbfgs
+from robustdl.attacks.spatial import flow_loss, flow_warp, stadv, stadv_flow
+from robustdl.attacks.universal import GeneralizedPerturbation, deepfool, fooling_rate, guap, uap
 
-__all__ = ["fgsm"]
+__all__ = [
+    "GeneralizedPerturbation",
+    "cw_l0",
+    "cw_l2",
+    "cw_linf",
+    "deepfool",
+    "fgsm",
+    "flow_loss",
+    "flow_warp",
+    "fooling_rate",
+    "guap",
+    "lbfgs",
+    "stadv",
+    "stadv_flow",
+    "uap",
+]
