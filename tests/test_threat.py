@@ -151,3 +151,17 @@ def test_shape_mismatch_is_rejected():
 def test_random_rejects_images_outside_the_box():
     with pytest.raises(ValueError, match="x must lie in"):
         LpBall(2, 0.1).random(torch.full((1, 4), 2.0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.01, 5.0), st.sampled_from(["linf", "l2", "l1"]))
+def test_project_perturbation_ignores_the_box(seed, eps, norm):
+    v = 3 * torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ball = LpBall(norm, eps)
+    projected = ball.project_perturbation(v)
+    assert (ball.norm(projected) <= eps * (1 + 1e-6)).all()
+    assert torch.allclose(ball.project_perturbation(projected), projected, atol=1e-9)  # idempotent
+    if norm == "linf":
+        assert torch.allclose(projected, v.clamp(-eps, eps))
+    if norm == "l2":
+        assert torch.allclose(projected, v * (eps / ball.norm(v)).clamp(max=1).view(-1, 1, 1, 1), atol=1e-9)

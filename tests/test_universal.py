@@ -9,14 +9,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from robustdl import zoo
 from robustdl.attacks.spatial import flow_loss
 from robustdl.attacks.universal import (
     GeneralizedPerturbation,
-    _project_perturbation,
     deepfool,
     fooling_rate,
     guap,
@@ -136,23 +133,6 @@ def test_deepfool_leaves_misclassified_examples_and_the_model_alone(linear_model
         x_adv = deepfool(linear_model, x, y)
     assert torch.equal(x_adv, x) and x_adv is not x and torch.equal(x, x_copy)
     assert all(p.grad is None for p in linear_model.parameters()) and linear_model.training
-
-
-# --------------------------------------------------------------------------- the ball without the box
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.floats(0.01, 5.0), st.sampled_from(["linf", "l2", "l1"]))
-def test_projection_of_a_perturbation_ignores_the_box(seed, eps, norm):
-    v = 3 * torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    ball = LpBall(norm, eps)
-    projected = _project_perturbation(ball, v)
-    assert (ball.norm(projected) <= eps * (1 + 1e-6)).all()
-    assert torch.allclose(_project_perturbation(ball, projected), projected, atol=1e-9)  # idempotent
-    if norm == "linf":
-        assert torch.allclose(projected, v.clamp(-eps, eps))
-    if norm == "l2":
-        assert torch.allclose(projected, v * (eps / ball.norm(v)).clamp(max=1).view(-1, 1, 1, 1), atol=1e-9)
 
 
 # --------------------------------------------------------------------------- UAP and GUAP on MNIST

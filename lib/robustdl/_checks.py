@@ -54,3 +54,11 @@ def check_positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def check_fraction(value: object, name: str) -> float:
+    """Check that ``value`` is a real number in [0, 1]."""
+    value = check_nonnegative(value, name)
+    if value > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustdl._checks import check_images, check_nonnegative
+from robustdl._checks import check_fraction, check_images, check_nonnegative
 
-__all__ = ["LpBall", "parse_norm"]
+__all__ = ["LpBall", "parse_norm", "per_example"]
 
 _NORM_NAMES = {"inf": math.inf, "linf": math.inf, "l2": 2.0, "2": 2.0, "l1": 1.0, "1": 1.0}
 #: Bisection iterations for the exact L1/L2 projections: the bracket shrinks by 2**-50.
@@ -47,7 +47,7 @@ def parse_norm(p: object) -> float:
     raise ValueError(f"norm p must be one of inf, 2, 1 (or 'linf', 'l2', 'l1'), got {p!r}")
 
 
-def _expand(v: Tensor, like: Tensor) -> Tensor:
+def per_example(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-example vector of shape (N,) to broadcast against ``like`` (N, ...)."""
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -131,16 +131,29 @@ class LpBall:
         z = x_adv - x
         if self.p == 2:
             def candidate(lam: Tensor) -> Tensor:
-                return (x + z / (1 + _expand(lam, z))).clamp(0, 1)
+                return (x + z / (1 + per_example(lam, z))).clamp(0, 1)
             hi = self.norm(z) / self.eps
         else:
             def candidate(lam: Tensor) -> Tensor:
-                return (x + z.sign() * (z.abs() - _expand(lam, z)).clamp_min(0)).clamp(0, 1)
+                return (x + z.sign() * (z.abs() - per_example(lam, z)).clamp_min(0)).clamp(0, 1)
             hi = z.flatten(1).abs().amax(dim=1)
         in_box = x_adv.clamp(0, 1)
         inside = self.norm(in_box - x) <= self.eps
         lam = _bisect(lambda lam: self.norm(candidate(lam) - x), hi, self.eps)
-        return torch.where(_expand(inside, x), in_box, candidate(lam))
+        return torch.where(per_example(inside, x), in_box, candidate(lam))
+
+    def project_perturbation(self, delta: Tensor) -> Tensor:
+        r"""Euclidean projection of a perturbation ``delta`` onto :math:`\{\|\delta\|_p \le \epsilon\}`, no box.
+
+        For perturbations not tied to one input (universal perturbations). The ball of radius
+        1/2 about the box's centre lies inside the box, so there the box never binds: scale
+        ``delta`` by :math:`1 / 2\epsilon`, :meth:`project` about the centre, and scale back.
+        """
+        if self.eps == 0:
+            return torch.zeros_like(delta)
+        scale = 2 * self.eps
+        centre = torch.full_like(delta, 0.5)
+        return scale * (LpBall(self.p, 0.5).project(centre + delta / scale, centre) - centre)
 
     def random(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         r"""A point drawn uniformly from the ball around each ``x``, then clipped to [0, 1].
@@ -160,14 +173,14 @@ class LpBall:
         elif self.p == 2:
             direction = torch.randn(x.shape, **kw)
             radius = self.eps * torch.rand(n, **kw) ** (1.0 / d)
-            delta = direction * _expand(radius / self.norm(direction).clamp_min(1e-12), x)
+            delta = direction * per_example(radius / self.norm(direction).clamp_min(1e-12), x)
         else:
             e = -torch.log1p(-torch.rand(n, d + 1, **kw))  # i.i.d. Exp(1)
             signs = torch.randint(0, 2, (n, d), generator=generator, device=x.device).to(x.dtype) * 2 - 1
             delta = (self.eps * signs * e[:, :d] / e.sum(dim=1, keepdim=True)).view_as(x)
         return (x + delta).clamp(0, 1)
 
-    def step(self, grad: Tensor, alpha: float) -> Tensor:
+    def step(self, grad: Tensor, alpha: float, sparsity: float = 1.0) -> Tensor:
         r"""The steepest-ascent step :math:`v^\star = \arg\max_{\|v\|_p \le \alpha} \langle g, v\rangle`.
 
         * :math:`p = \infty`: :math:`\alpha\,\mathrm{sign}(g)` (the FGSM step);
@@ -175,14 +188,25 @@ class LpBall:
         * :math:`p = 1`: :math:`\alpha\,\mathrm{sign}(g_i) e_i` at the coordinate :math:`i` of
           largest :math:`|g_i|`.
 
-        Its norm is exactly ``alpha`` unless ``grad`` is zero, where the step is zero.
+        The exact L1 step moves one coordinate, which makes L1 PGD crawl. With ``sparsity``
+        :math:`q < 1` the L1 step is instead spread evenly over the :math:`k = \lceil (1 - q) d
+        \rceil` coordinates of largest :math:`|g_i|` (the set :math:`T`),
+        :math:`v = \alpha\, \mathrm{sign}(g) \odot 1_T / k`: the sparse L1 descent of SLIDE,
+        Tramèr and Boneh (2019) :cite:`tramer2019adversarial`, whose percentile :math:`P_{100 q}(|g|)`
+        selects the same set. ``sparsity=1`` (the default) is the exact steepest step; the other
+        norms ignore ``sparsity``, their steepest steps being dense.
+
+        Its norm is exactly ``alpha`` unless ``grad`` is zero, where the step is zero (zero
+        gradient coordinates in :math:`T` are left out of the count :math:`k`).
         """
         alpha = check_nonnegative(alpha, "alpha")
+        sparsity = check_fraction(sparsity, "sparsity")
         if self.p == math.inf:
             return alpha * grad.sign()
         if self.p == 2:
-            return alpha * grad / _expand(self.norm(grad).clamp_min(1e-12), grad)
+            return alpha * grad / per_example(self.norm(grad).clamp_min(1e-12), grad)
         flat = grad.flatten(1)
-        top = flat.abs().argmax(dim=1, keepdim=True)
+        k = max(1, math.ceil((1 - sparsity) * flat.shape[1] - 1e-9))
+        top = flat.abs().topk(k, dim=1).indices
         v = torch.zeros_like(flat).scatter_(1, top, flat.gather(1, top).sign())
-        return (alpha * v).view_as(grad)
+        return (alpha * v / v.abs().sum(dim=1, keepdim=True).clamp_min(1)).view_as(grad)

@@ -5,23 +5,26 @@ the model, restores the model's train/eval mode, and respects its threat model
 (:class:`robustdl.threat.LpBall`) and the [0, 1] box. Targeted attacks take ``target=``.
 """
 
-from robustdl.attacks.gradient import fgsm
+from robustdl.attacks.gradient import apgd, dlr_loss, fgsm, pgd
 from robustdl.attacks.optimisation import cw_l0, cw_l2, cw_linf, lbfgs
 from robustdl.attacks.spatial import flow_loss, flow_warp, stadv, stadv_flow
 from robustdl.attacks.universal import GeneralizedPerturbation, deepfool, fooling_rate, guap, uap
 
 __all__ = [
     "GeneralizedPerturbation",
+    "apgd",
     "cw_l0",
     "cw_l2",
     "cw_linf",
     "deepfool",
+    "dlr_loss",
     "fgsm",
     "flow_loss",
     "flow_warp",
     "fooling_rate",
     "guap",
     "lbfgs",
+    "pgd",
     "stadv",
     "stadv_flow",
     "uap",

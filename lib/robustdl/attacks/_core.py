@@ -31,10 +31,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def check_inputs(model: object, x: object, y: object) -> None:
-    """Clear errors for the arguments every attack takes."""
+def check_model(model: object) -> None:
+    """A clear error unless ``model`` is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+
+
+def check_inputs(model: object, x: object, y: object) -> None:
+    """Clear errors for the arguments every attack takes."""
+    check_model(model)
     check_images(x)
     check_labels(y, x)  # type: ignore[arg-type]
 
@@ -47,14 +52,19 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = cross_en
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        logits = model(x)
-        if not isinstance(logits, Tensor):
-            raise TypeError(
-                f"model must return a logits tensor, got {type(logits).__name__}; wrap a model that "
-                "returns a dict or tuple in a module that returns the logits"
-            )
-        (grad,) = torch.autograd.grad(loss(logits, y).sum(), x)
+        (grad,) = torch.autograd.grad(loss(logits_of(model, x), y).sum(), x)
     return grad
+
+
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``, checked to be a logits tensor."""
+    logits = model(x)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"model must return a logits tensor, got {type(logits).__name__}; wrap a model that "
+            "returns a dict or tuple in a module that returns the logits"
+        )
+    return logits
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from robustdl._checks import check_labels, check_nonnegative, check_positive_int
 from robustdl._progress import progress_bar
-from robustdl.attacks._core import check_inputs, cross_entropy, eval_mode, input_gradient, margin
-from robustdl.threat import LpBall
+from robustdl.attacks._core import check_inputs, cross_entropy, eval_mode, input_gradient, logits_of, margin
+from robustdl.threat import LpBall, per_example
 
 __all__ = ["cw_l0", "cw_l2", "cw_linf", "lbfgs"]
 
@@ -44,22 +44,6 @@ _LINF = LpBall("linf", 0.0)
 Distance = Callable[[Tensor], Tensor]
 #: A descent over the examples ``idx`` with constants ``c``: ``(c, idx) -> (x_adv, distance)``.
 Descent = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def _expand(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example vector of shape (N,) to broadcast against ``like`` (N, ...)."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)``, checked to be a logits tensor."""
-    logits = model(x)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"model must return a logits tensor, got {type(logits).__name__}; wrap a model that "
-            "returns a dict or tuple in a module that returns the logits"
-        )
-    return logits
 
 
 def _goal(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, bool]:
@@ -88,7 +72,7 @@ def _squared_l2(delta: Tensor) -> Tensor:
 
 def _excess_over(tau: Tensor) -> Distance:
     r"""The L-infinity attack's distance :math:`\sum_i \max(|\delta_i| - \tau, 0)` with a per-example :math:`\tau`."""
-    return lambda delta: (delta.abs() - _expand(tau, delta)).clamp_min(0).flatten(1).sum(dim=1)
+    return lambda delta: (delta.abs() - per_example(tau, delta)).clamp_min(0).flatten(1).sum(dim=1)
 
 
 def _to_tanh_space(x: Tensor) -> Tensor:
@@ -133,7 +117,7 @@ def _descend(
     previous = torch.full_like(c, math.inf)
     for step in range(steps):
         x_adv = _from_tanh_space(w) if allowed is None else torch.where(allowed, _from_tanh_space(w), x)
-        gap = _logit_gap(_logits(model, x_adv), goal, targeted)
+        gap = _logit_gap(logits_of(model, x_adv), goal, targeted)
         dist = distance(x_adv - x)
         loss = dist + c * gap.clamp_min(-kappa)
         (w.grad,) = torch.autograd.grad(loss.sum(), w)
@@ -141,7 +125,7 @@ def _descend(
         with torch.no_grad():
             loss, dist = loss.detach(), dist.detach()
             better = (gap < -kappa) & (dist < best_distance)
-            best = torch.where(_expand(better, x), x_adv, best)
+            best = torch.where(per_example(better, x), x_adv, best)
             best_distance = torch.where(better, dist, best_distance)
             if (best_distance == 0).all():
                 break
@@ -243,7 +227,7 @@ def cw_l2(
         for _ in progress_bar(range(search_steps), progress, desc="C&W L2"):
             x_adv, dist = _descend(model, x, x, goal, targeted, c, kappa, _squared_l2, steps, lr, abort_early)
             better = dist < best_distance
-            best = torch.where(_expand(better, x), x_adv, best)
+            best = torch.where(per_example(better, x), x_adv, best)
             best_distance = torch.minimum(dist, best_distance)
             c, lower, upper = _search_step(c, lower, upper, grow=dist.isinf(), factor=10.0)
     return best
@@ -430,7 +414,7 @@ def _box_lbfgs(model: nn.Module, x: Tensor, target: Tensor, c: Tensor, max_iter:
     """
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
         z = torch.from_numpy(flat).to(x).view_as(x).requires_grad_(True)
-        loss = (c * _L2.norm(z - x) + cross_entropy(_logits(model, z), target)).sum()
+        loss = (c * _L2.norm(z - x) + cross_entropy(logits_of(model, z), target)).sum()
         (grad,) = torch.autograd.grad(loss, z)
         return loss.item(), grad.flatten().double().cpu().numpy()
 
@@ -500,14 +484,14 @@ def lbfgs(
     best, best_norm = x.clone(), torch.full_like(c, math.inf)
     with eval_mode(model), torch.enable_grad():
         if target is None:
-            target = _logits(model, x).detach().scatter(1, y[:, None], -math.inf).argmax(dim=1)
+            target = logits_of(model, x).detach().scatter(1, y[:, None], -math.inf).argmax(dim=1)
         for _ in progress_bar(range(search_steps), progress, desc="L-BFGS"):
             x_adv = _box_lbfgs(model, x, target, c, max_iter)
             with torch.no_grad():
-                success = _logits(model, x_adv).argmax(dim=1) == target
+                success = logits_of(model, x_adv).argmax(dim=1) == target
             norm = torch.where(success, _L2.norm(x_adv - x), math.inf)
             better = norm < best_norm
-            best = torch.where(_expand(better, x), x_adv, best)
+            best = torch.where(per_example(better, x), x_adv, best)
             best_norm = torch.minimum(norm, best_norm)
             c, lower, upper = _search_step(c, lower, upper, grow=success, factor=2.0)
     return best

@@ -22,47 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustdl._checks import check_images, check_nonnegative, check_positive_int
+from robustdl._checks import check_fraction, check_images, check_nonnegative, check_positive_int
 from robustdl._progress import progress_bar
-from robustdl.attacks._core import check_inputs, eval_mode
+from robustdl.attacks._core import check_inputs, check_model, eval_mode, logits_of
 from robustdl.attacks.spatial import flow_loss, flow_warp
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, per_example
 
 __all__ = ["GeneralizedPerturbation", "deepfool", "fooling_rate", "guap", "uap"]
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
-
-
-def _check_fraction(value: object, name: str) -> float:
-    value = check_nonnegative(value, name)
-    if value > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
-
-
-def _per_example(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a vector of shape (N,) to broadcast against ``like`` (N, ...)."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)``, checked to be a logits tensor."""
-    logits = model(x)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"model must return a logits tensor, got {type(logits).__name__}; wrap a model that "
-            "returns a dict or tuple in a module that returns the logits"
-        )
-    return logits
 
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
     """Predicted labels, computed without gradients in chunks of ``batch_size``."""
     with torch.no_grad():
-        return torch.cat([_logits(model, chunk).argmax(dim=1) for chunk in x.split(batch_size)])
+        return torch.cat([logits_of(model, chunk).argmax(dim=1) for chunk in x.split(batch_size)])
 
 
 def fooling_rate(model: nn.Module, x: Tensor, x_adv: Tensor) -> float:
@@ -72,7 +44,7 @@ def fooling_rate(model: nn.Module, x: Tensor, x_adv: Tensor) -> float:
 
     with :math:`\hat k` the model's prediction: the true labels play no part.
     """
-    _check_model(model)
+    check_model(model)
     check_images(x)
     check_images(x_adv, "x_adv")
     if x_adv.shape != x.shape:
@@ -88,7 +60,7 @@ def _class_gradients(model: nn.Module, x: Tensor, classes: Tensor) -> tuple[Tens
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        logits = _logits(model, x)
+        logits = logits_of(model, x)
         z = logits.gather(1, classes)
         k = classes.shape[1]
         grads = [torch.autograd.grad(z[:, i].sum(), x, retain_graph=i < k - 1)[0] for i in range(k)]
@@ -113,7 +85,7 @@ def _deepfool_step(z: Tensor, grads: Tensor, ball: LpBall) -> Tensor:
     closest = distance.argmin(dim=1)
     rows = torch.arange(n, device=z.device)
     w_closest = w[rows, closest]
-    return _per_example(distance[rows, closest], w_closest) * ball.step(w_closest, 1.0)
+    return per_example(distance[rows, closest], w_closest) * ball.step(w_closest, 1.0)
 
 
 def deepfool(
@@ -155,7 +127,7 @@ def deepfool(
         New images, detached, in [0, 1]: adversarial unless ``steps`` ran out first.
     """
     if y is None:
-        _check_model(model)
+        check_model(model)
         check_images(x)
     else:
         check_inputs(model, x, y)
@@ -166,7 +138,7 @@ def deepfool(
     ball = LpBall(norm, 0.0)  # its geometry only: DeepFool's perturbation has no radius
     with eval_mode(model):
         with torch.no_grad():
-            logits = _logits(model, x)
+            logits = logits_of(model, x)
         label = logits.argmax(dim=1) if y is None else y
         top = min(num_classes, logits.shape[1])
         classes = logits.scatter(1, label[:, None], math.inf).topk(top, dim=1).indices  # label first
@@ -182,20 +154,6 @@ def deepfool(
             todo = todo[still]
             x_adv[todo] = (x_adv[todo] + _deepfool_step(z[still], grads[still], ball)).clamp(0, 1)
     return (x + (1 + overshoot) * (x_adv - x)).clamp(0, 1).detach()
-
-
-def _project_perturbation(ball: LpBall, v: Tensor) -> Tensor:
-    r"""The Euclidean projection of ``v`` onto :math:`\{\|v\|_p \le \epsilon\}`, with no box.
-
-    :meth:`LpBall.project` projects onto a ball intersected with :math:`[0, 1]^d`. The ball of
-    radius 1/2 about the box's centre lies inside the box, so there the box never binds:
-    scale ``v`` by :math:`1 / 2\epsilon`, project about the centre, and scale back.
-    """
-    if ball.eps == 0:
-        return torch.zeros_like(v)
-    scale = 2 * ball.eps
-    centre = torch.full_like(v, 0.5)
-    return scale * (LpBall(ball.p, 0.5).project(centre + v / scale, centre) - centre)
 
 
 def uap(
@@ -241,11 +199,11 @@ def uap(
     Returns:
         The perturbation :math:`v`, shape (1, C, H, W), detached, with :math:`\|v\|_p \le \epsilon`.
     """
-    _check_model(model)
+    check_model(model)
     check_images(images, "images")
     ball = LpBall(norm, eps)
     max_passes = check_positive_int(max_passes, "max_passes")
-    target_fooling_rate = _check_fraction(target_fooling_rate, "target_fooling_rate")
+    target_fooling_rate = check_fraction(target_fooling_rate, "target_fooling_rate")
     v = torch.zeros_like(images[:1])
     with eval_mode(model):
         clean = _predict(model, images)
@@ -255,7 +213,7 @@ def uap(
                 x_v = (images[i : i + 1] + v).clamp(0, 1)
                 if _predict(model, x_v) == clean[i]:
                     step = deepfool(model, x_v, clean[i : i + 1], overshoot=overshoot, steps=deepfool_steps) - x_v
-                    v = _project_perturbation(ball, v + step)
+                    v = ball.project_perturbation(v + step)
             if (_predict(model, (images + v).clamp(0, 1)) != clean).float().mean() >= target_fooling_rate:
                 break
     return v
@@ -324,7 +282,7 @@ def guap(
     Returns:
         The :class:`GeneralizedPerturbation` ``(flow, delta)``, detached.
     """
-    _check_model(model)
+    check_model(model)
     check_images(images, "images")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -345,7 +303,7 @@ def guap(
                     flow.grad, delta.grad = torch.autograd.grad(loss, [flow, delta])
                 optimiser.step()
                 with torch.no_grad():
-                    delta.copy_(_project_perturbation(ball, delta))
+                    delta.copy_(ball.project_perturbation(delta))
                     budget = flow_loss(flow, tiny=0.0, fixed_frame=True)
                     flow.mul_(torch.clamp(tau / budget.clamp_min(1e-12), max=1.0))
     return GeneralizedPerturbation(flow.detach(), delta.detach())
