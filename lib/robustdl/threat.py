@@ -139,6 +139,8 @@ class LpBall:
             hi = z.flatten(1).abs().amax(dim=1)
         in_box = x_adv.clamp(0, 1)
         inside = self.norm(in_box - x) <= self.eps
+        if inside.all():
+            return in_box
         lam = _bisect(lambda lam: self.norm(candidate(lam) - x), hi, self.eps)
         return torch.where(per_example(inside, x), in_box, candidate(lam))
 

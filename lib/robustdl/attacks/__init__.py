@@ -5,6 +5,7 @@ the model, restores the model's train/eval mode, and respects its threat model
 (:class:`robustdl.threat.LpBall`) and the [0, 1] box. Targeted attacks take ``target=``.
 """
 
+from robustdl.attacks.blackbox import QueryBudgetError, QueryOracle, square, zoo_adam
 from robustdl.attacks.gradient import apgd, dlr_loss, fgsm, pgd
 from robustdl.attacks.optimisation import cw_l0, cw_l2, cw_linf, lbfgs
 from robustdl.attacks.spatial import flow_loss, flow_warp, stadv, stadv_flow
@@ -12,6 +13,8 @@ from robustdl.attacks.universal import GeneralizedPerturbation, deepfool, foolin
 
 __all__ = [
     "GeneralizedPerturbation",
+    "QueryBudgetError",
+    "QueryOracle",
     "apgd",
     "cw_l0",
     "cw_l2",
@@ -25,7 +28,9 @@ __all__ = [
     "guap",
     "lbfgs",
     "pgd",
+    "square",
     "stadv",
     "stadv_flow",
     "uap",
+    "zoo_adam",
 ]

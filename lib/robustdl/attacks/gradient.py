@@ -242,16 +242,21 @@ def _pgd_run(
     model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, *, ball: LpBall, step_sizes: list[float],
     objective: Objective, random_start: bool, sparsity: float, generator: torch.Generator | None,
 ) -> Tensor:
-    """One run of PGD from one starting point: the first iterate that reaches the goal, else the last."""
+    """One run of PGD from one starting point: the first iterate that reaches the goal, else the last.
+
+    Only the examples still short of their goal are differentiated and moved.
+    """
     x_adv = ball.random(x, generator) if random_start else x.clone()
-    first = _FirstHit.start(x)
+    todo = torch.arange(len(x), device=x.device)
     for alpha in step_sizes:
-        logits, _, grad = _value_and_grad(model, x_adv, y, target, objective)
-        first.update(x_adv, _reached(logits, y, target))
-        if first.hit.all():  # every result is final
+        goal = None if target is None else target[todo]
+        logits, _, grad = _value_and_grad(model, x_adv[todo], y[todo], goal, objective)
+        short = ~_reached(logits, y[todo], goal)
+        todo, grad = todo[short], grad[short]
+        if len(todo) == 0:  # every result is final
             break
-        x_adv = ball.project(x_adv + ball.step(_inward(grad, x_adv), alpha, sparsity), x)
-    return first.otherwise(x_adv)
+        x_adv[todo] = ball.project(x_adv[todo] + ball.step(_inward(grad, x_adv[todo]), alpha, sparsity), x[todo])
+    return x_adv
 
 
 def pgd(
