@@ -482,3 +482,8 @@ def test_zoo_is_no_weaker_than_arts(mnist):
     assert ours_ok.sum() >= theirs_ok.sum()
     l2 = (ours - x).flatten(1).norm(dim=1)[ours_ok].median()
     assert theirs_ok.sum() == 0 or l2 <= 1.1 * (theirs - x).flatten(1).norm(dim=1)[theirs_ok].median()
+
+
+def test_an_oracle_never_reset_asks_for_its_attacked_set(linear_model, images):
+    with pytest.raises(ValueError, match=r"oracle.reset\(n\)"):
+        QueryOracle(linear_model)(images)

@@ -59,8 +59,14 @@ def test_robust_accuracy_rejects_a_bad_batch_size(linear_model, images):
 def test_robustness_curve_starts_clean_and_falls(mnist):
     model = zoo.load("mnist_mlp")
     x, y = mnist
-    curve = robustness_curve(model, (x, y), lambda eps: functools.partial(pgd, eps=eps, steps=10), [0.0, 0.05, 0.1])
-    assert curve[0] == pytest.approx(accuracy(model, x, y))
+    radii = []
+
+    def make(eps):
+        radii.append(eps)
+        return functools.partial(pgd, eps=eps, steps=10)
+
+    curve = robustness_curve(model, (x, y), make, [0.0, 0.05, 0.1])
+    assert curve[0] == pytest.approx(accuracy(model, x, y)) and radii == [0.05, 0.1]  # no attack at eps 0
     assert curve[0] > curve[1] > curve[2]
 
 

@@ -64,11 +64,14 @@ def robustness_curve(
     batch_size: int = 256,
     progress: bool | None = None,
 ) -> list[float]:
-    """Robust accuracy at each radius: ``attack_factory(eps)`` makes the attack at ``eps``.
+    r"""Robust accuracy at each radius: ``attack_factory(eps)`` makes the attack at ``eps``.
 
-    For example ``robustness_curve(model, (x, y), lambda eps: partial(pgd, eps=eps), [0, 0.1, 0.2])``.
+    At :math:`\epsilon = 0` the threat model holds the input alone: the clean accuracy, with no
+    attack run. For example
+    ``robustness_curve(model, (x, y), lambda eps: partial(pgd, eps=eps), [0, 0.1, 0.2])``.
     """
-    return [robust_accuracy(model, data, attack_factory(eps), batch_size, progress) for eps in eps_values]
+    return [robust_accuracy(model, data, attack_factory(eps) if eps > 0 else None, batch_size, progress)
+            for eps in eps_values]
 
 
 def worst_case(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[Attack]) -> Tensor:

@@ -100,7 +100,10 @@ class QueryOracle:
         """Answer the queries ``x`` (N, ...) about the examples ``index`` (N,), default ``0..N-1``."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor of images, got {type(x).__name__}")
-        index = torch.arange(len(x), device=x.device) if index is None else self._check_index(index, len(x))
+        if len(self.queries) == 0:
+            raise ValueError("the oracle has no attacked set to count queries for: call oracle.reset(n) first "
+                             "(the attacks do it themselves)")
+        index = self._check_index(torch.arange(len(x), device=x.device) if index is None else index, len(x))
         asked = torch.bincount(index.cpu(), minlength=len(self.queries))
         if self.budget is not None and (over := self.queries + asked > self.budget).any():
             i = int(over.nonzero()[0])
