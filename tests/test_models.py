@@ -9,7 +9,7 @@ from robustdl.models import DATASET_SHAPES, MODELS, Normalize, build_model
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "digits", "cifar10"])
-@pytest.mark.parametrize("name", ["mlp", "smallcnn", "lenet"])
+@pytest.mark.parametrize("name", ["mlp", "smallcnn", "lenet", "convsmall"])
 def test_output_shape(name, dataset):
     if (name, dataset) == ("lenet", "digits"):
         with pytest.raises(ValueError, match="at least 12x12"):
@@ -31,6 +31,15 @@ def test_smallcnn_is_madrys_architecture():
     model = build_model("smallcnn", "mnist")
     # conv 5x5x32, conv 5x5x64, FC 3136->1024, FC 1024->10, with biases.
     assert sum(p.numel() for p in model.parameters()) == 832 + 51_264 + 3_212_288 + 10_250
+
+
+def test_convsmall_is_wong_and_kolters_small_network():
+    model = build_model("convsmall", "mnist")
+    # conv 4x4x16 stride 2, conv 4x4x32 stride 2, FC 1568->100, FC 100->10, with biases.
+    assert sum(p.numel() for p in model.parameters()) == 272 + 8_224 + 156_900 + 1_010
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_model("convsmall", "mnist", image_size=30)
 
 
 def test_mlp_on_2d_points():

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +17,17 @@ from torch.utils.data import DataLoader
 from robustdl.attacks import fgsm
 from robustdl.data import gaussian_clusters
 from robustdl.models import build_model
-from robustdl.train import device, evaluate, fit, run_epoch, seed_everything, standard_loss
+from robustdl.train import (
+    device,
+    distributed,
+    evaluate,
+    fit,
+    load_checkpoint,
+    run_epoch,
+    seed_everything,
+    standard_loss,
+)
+from robustdl.train.adversarial import EpsilonRamp, pgd_at_loss
 
 
 def clusters_loader(seed: int = 0, shuffle: bool = True) -> DataLoader:
@@ -93,3 +109,95 @@ def test_device_prefers_cuda_and_training_runs_there():
     model = small_mlp().to("cuda")
     fit(model, clusters_loader(), 1, torch.optim.SGD(model.parameters(), lr=0.1))
     assert evaluate(model, clusters_loader())["accuracy"] > 0.3
+
+
+def ramped_pgd_at() -> EpsilonRamp:
+    return EpsilonRamp(lambda eps: functools.partial(pgd_at_loss, eps=eps, steps=3), eps=0.1, warmup=10)
+
+
+def train_with_checkpoint(epochs: int, path, total_epochs: int = 4) -> torch.Tensor:
+    """A run whose every random part (init, order, random starts, ramp) must survive a resume."""
+    seed_everything(5)
+    model = small_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loader = clusters_loader()
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.01, total_steps=total_epochs * len(loader))
+    fit(model, loader, epochs, optimizer, ramped_pgd_at(), scheduler=scheduler, checkpoint=path)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    uninterrupted = train_with_checkpoint(4, tmp_path / "a.pt")
+    train_with_checkpoint(2, tmp_path / "b.pt")  # interrupted after two epochs
+    resumed = train_with_checkpoint(4, tmp_path / "b.pt")  # fresh objects, resumes at epoch 3
+    assert torch.equal(resumed, uninterrupted)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 4
+
+
+def test_a_finished_checkpoint_trains_no_further(tmp_path):
+    first = train_with_checkpoint(2, tmp_path / "c.pt", total_epochs=2)
+    again = train_with_checkpoint(2, tmp_path / "c.pt", total_epochs=2)
+    assert torch.equal(first, again)
+
+
+def test_a_callback_can_stop_training():
+    seed_everything(0)
+    model = small_mlp()
+    history = fit(model, clusters_loader(), 10, torch.optim.SGD(model.parameters(), lr=0.1),
+                  callbacks=[lambda m, record: record["epoch"] == 3])
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_replays_repeat_each_batch():
+    calls = []
+
+    def objective(model, x, y):
+        calls.append(x[0, 0].item())
+        return standard_loss(model, x, y)
+
+    model = small_mlp()
+    run_epoch(model, clusters_loader(shuffle=False), objective, torch.optim.SGD(model.parameters(), lr=0.1), replays=3)
+    assert len(calls) == 24 and calls[0] == calls[1] == calls[2] != calls[3]
+
+
+def test_fit_rejects_bad_epochs_and_replays():
+    model = small_mlp()
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, clusters_loader(), 0, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="replays"):
+        fit(model, clusters_loader(), 1, torch.optim.SGD(model.parameters(), lr=0.1), replays=0)
+
+
+def test_torchrun_with_two_processes_matches_one_process(tmp_path):
+    """The same loop under torchrun (gloo, 2 ranks x 8 examples) takes the steps of one process with 16."""
+    script = Path(__file__).with_name("ddp_fit.py")
+    spec = importlib.util.spec_from_file_location("ddp_fit", script)
+    ddp_fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp_fit)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    ddp_fit.run(single, batch_size=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTDL_PROGRESS": "0"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), str(multi)], check=True, env=env, timeout=300, capture_output=True)
+    weights = {k: torch.load(d / "weights.pt", weights_only=True) for k, d in (("single", single), ("multi", multi))}
+    for name, value in weights["single"].items():
+        torch.testing.assert_close(weights["multi"][name], value, rtol=1e-5, atol=1e-6)
+    histories = [json.loads((d / "history.json").read_text()) for d in (single, multi)]
+    for one, two in zip(*histories, strict=True):
+        assert one.keys() == two.keys()
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in multi.iterdir()) == ["checkpoint.pt", "history.json", "weights.pt"]
+
+
+def test_distributed_helpers_without_a_process_group():
+    model = small_mlp()
+    assert distributed.wrap(model) is model and distributed.unwrap(model) is model
+    assert distributed.rank() == 0 and distributed.is_main_process()
+    assert distributed.all_sum(1.0, 2) == (1.0, 2)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        if "RANK" in os.environ:
+            pytest.skip("running under torchrun")
+        distributed.setup()

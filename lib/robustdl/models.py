@@ -7,6 +7,9 @@ so attacks and threat models work in pixel space and never need a dataset's mean
 * :class:`SmallCNN` -- the MNIST network of Madry et al. (2018): two 5x5 convolutions
   (32 and 64 channels) with 2x2 max-pooling, a 1024-unit hidden layer;
 * :class:`LeNet` -- the LeNet-5-style network of LeCun et al. (1998);
+* :class:`ConvSmall` -- the small CNN of Wong and Kolter (2018): two strided 4x4 convolutions
+  (16 and 32 channels), a 100-unit hidden layer; no pooling, so the verifiers bound it layer
+  by layer. The robust MNIST models of the zoo use it;
 * :class:`PreActResNet18` -- the pre-activation ResNet-18 of He et al. (2016), the CIFAR-10
   workhorse of adversarial training.
 
@@ -25,6 +28,7 @@ __all__ = [
     "DATASET_SHAPES",
     "MLP",
     "MODELS",
+    "ConvSmall",
     "LeNet",
     "Normalize",
     "PreActResNet18",
@@ -144,6 +148,38 @@ class LeNet(nn.Module):
         return self.net(x)
 
 
+class ConvSmall(nn.Module):
+    """The small CNN of Wong and Kolter (2018), :cite:`wong2018provable`, also used by Wong et al. (2020).
+
+    conv 4x4 stride 2 (16) - ReLU - conv 4x4 stride 2 (32) - ReLU - FC 100 - ReLU - FC.
+    Linear, convolution and ReLU layers only, so bound propagation covers it exactly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 10,
+        image_size: int = 28,
+        mean: Sequence[float] = (0.1307,),
+        std: Sequence[float] = (0.3081,),
+    ) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"ConvSmall needs an image side divisible by 4, got image_size={image_size}")
+        side = image_size // 4
+        self.net = nn.Sequential(
+            Normalize(mean, std),
+            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * side * side, 100), nn.ReLU(),
+            nn.Linear(100, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 class PreActBlock(nn.Module):
     """A pre-activation residual block: BN-ReLU-conv-BN-ReLU-conv plus the shortcut."""
 
@@ -193,7 +229,7 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-MODELS = {"mlp": MLP, "smallcnn": SmallCNN, "lenet": LeNet, "preact_resnet18": PreActResNet18}
+MODELS = {"mlp": MLP, "smallcnn": SmallCNN, "lenet": LeNet, "convsmall": ConvSmall, "preact_resnet18": PreActResNet18}
 
 
 def build_model(name: str, dataset: str = "mnist", **kwargs: object) -> nn.Module:

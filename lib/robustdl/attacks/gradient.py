@@ -241,18 +241,21 @@ def _check_goal(model: object, x: object, y: object, target: object) -> None:
 def _pgd_run(
     model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, *, ball: LpBall, step_sizes: list[float],
     objective: Objective, random_start: bool, sparsity: float, generator: torch.Generator | None,
+    early_stop: bool,
 ) -> Tensor:
     """One run of PGD from one starting point: the first iterate that reaches the goal, else the last.
 
-    Only the examples still short of their goal are differentiated and moved.
+    Only the examples still short of their goal are differentiated and moved (all of them,
+    every step, without ``early_stop``).
     """
     x_adv = ball.random(x, generator) if random_start else x.clone()
     todo = torch.arange(len(x), device=x.device)
     for alpha in step_sizes:
         goal = None if target is None else target[todo]
         logits, _, grad = _value_and_grad(model, x_adv[todo], y[todo], goal, objective)
-        short = ~_reached(logits, y[todo], goal)
-        todo, grad = todo[short], grad[short]
+        if early_stop:
+            short = ~_reached(logits, y[todo], goal)
+            todo, grad = todo[short], grad[short]
         if len(todo) == 0:  # every result is final
             break
         x_adv[todo] = ball.project(x_adv[todo] + ball.step(_inward(grad, x_adv[todo]), alpha, sparsity), x[todo])
@@ -274,6 +277,7 @@ def pgd(
     loss: str | Loss = "ce",
     sparsity: float = 0.99,
     generator: torch.Generator | None = None,
+    early_stop: bool = True,
 ) -> Tensor:
     r"""Projected Gradient Descent of Madry et al. (2018), :cite:`madry2018towards` (Sec. 2.1).
 
@@ -314,10 +318,14 @@ def pgd(
         sparsity: for L1, the fraction of coordinates each step leaves unchanged (0.99: SLIDE's
             99th percentile); the other norms ignore it.
         generator: the random generator of the starting points.
+        early_stop: stop moving an example once it reaches the goal. False runs every example
+            all :math:`T` steps, maximising the loss as the inner problem of adversarial
+            training does (:func:`~robustdl.train.adversarial.pgd_at_loss`).
 
     Returns:
         New adversarial images, detached, in the ball and in [0, 1]: per example the first
-        iterate that reaches the goal, else the last iterate :math:`x_T` (Madry's output).
+        iterate that reaches the goal, else (or without ``early_stop``) the last iterate
+        :math:`x_T` (Madry's output).
 
     Taught in the chapter *Adversarial attacks*.
     """
@@ -327,7 +335,7 @@ def pgd(
     alpha = 2.5 * ball.eps / steps if step_size is None else check_nonnegative(step_size, "step_size")
     run = partial(_pgd_run, model, ball=ball, step_sizes=_step_sizes(alpha, steps, schedule),
                   objective=_objective(loss), random_start=random_start,
-                  sparsity=check_fraction(sparsity, "sparsity"), generator=generator)
+                  sparsity=check_fraction(sparsity, "sparsity"), generator=generator, early_stop=early_stop)
     with eval_mode(model), torch.no_grad():
         return _restarted(run, model, x.detach(), y, target, restarts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from robustdl import zoo
 
@@ -16,13 +17,15 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("name", choices=sorted(zoo.RECIPES))
     train.add_argument("--device", default="cpu")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--checkpoint", type=Path, help="write a checkpoint every epoch; resume from it if present")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, recipe in sorted(zoo.RECIPES.items()):
             mark = "bundled" if name in zoo.available() else "not bundled"
             print(f"{name:20s} {mark:12s} {recipe.description}")
     else:
-        model_card = zoo.train(args.name, device=args.device, progress=False if args.no_progress else None)
+        model_card = zoo.train(args.name, device=args.device, progress=False if args.no_progress else None,
+                               checkpoint=args.checkpoint)
         print(json.dumps(model_card, indent=2))
 
 

@@ -1,0 +1,35 @@
+"""Training: the one loop (:mod:`~robustdl.train.loop`), its objectives, and running it on several processes.
+
+* :mod:`robustdl.train.loop` -- :func:`fit`, :func:`run_epoch`, :func:`evaluate`, checkpoints;
+* :mod:`robustdl.train.adversarial` -- PGD-AT, fast FGSM, free, YOPO, TRADES;
+* :mod:`robustdl.train.distributional` -- WRM, VAT, feature scattering, latent distributions;
+* :mod:`robustdl.train.distributed` -- the same loop under ``torchrun``.
+"""
+
+from robustdl.train.loop import (
+    Attack,
+    Callback,
+    Objective,
+    device,
+    evaluate,
+    fit,
+    load_checkpoint,
+    run_epoch,
+    save_checkpoint,
+    seed_everything,
+    standard_loss,
+)
+
+__all__ = [
+    "Attack",
+    "Callback",
+    "Objective",
+    "device",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "run_epoch",
+    "save_checkpoint",
+    "seed_everything",
+    "standard_loss",
+]
