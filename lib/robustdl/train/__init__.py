@@ -19,8 +19,10 @@ from robustdl.train.loop import (
     seed_everything,
     standard_loss,
 )
+from robustdl.train.objectives import OBJECTIVES, make_objective
 
 __all__ = [
+    "OBJECTIVES",
     "Attack",
     "Callback",
     "Objective",
@@ -28,6 +30,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_checkpoint",
+    "make_objective",
     "run_epoch",
     "save_checkpoint",
     "seed_everything",

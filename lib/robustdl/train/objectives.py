@@ -8,6 +8,7 @@ from typing import Any
 
 from robustdl._checks import check_positive_int
 from robustdl.train.adversarial import EpsilonRamp, FreeAT, fast_at_loss, pgd_at_loss, trades_loss
+from robustdl.train.distributional import feature_scattering_loss, vat_loss, wrm_loss
 from robustdl.train.loop import Objective, standard_loss
 
 __all__ = ["OBJECTIVES", "make_objective"]
@@ -18,6 +19,9 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "pgd_at": pgd_at_loss,
     "fast_at": fast_at_loss,
     "trades": trades_loss,
+    "wrm": wrm_loss,
+    "vat": vat_loss,
+    "feature_scattering": feature_scattering_loss,
 }
 #: Stateful objectives, built by their class.
 _CLASSES: dict[str, Callable[..., Objective]] = {"free": FreeAT}
