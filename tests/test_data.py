@@ -104,3 +104,23 @@ def test_gaussian_clusters():
     assert torch.cdist(centres, centres).add(torch.eye(4)).min() > 0.3  # well separated
     with pytest.raises(ValueError, match="classes"):
         gaussian_clusters(10, classes=1)
+
+
+def test_random_crop_flip_returns_crops_and_flips_of_each_image():
+    from robustdl.data import random_crop_flip
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    same = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(1))
+    flipped = [torch.equal(a, b.flip(-1)) for a, b in zip(same, x, strict=True)]
+    kept = [torch.equal(a, b) for a, b in zip(same, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+    out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(2))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):  # every output is a window of the padded image, maybe flipped
+        windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    with pytest.raises(ValueError, match="padding"):
+        random_crop_flip(x, padding=-1)
+    with pytest.raises(ValueError, match="batch of images"):
+        random_crop_flip(x[0])

@@ -201,3 +201,17 @@ def test_distributed_helpers_without_a_process_group():
         if "RANK" in os.environ:
             pytest.skip("running under torchrun")
         distributed.setup()
+
+
+def test_transform_maps_each_training_batch_before_the_objective():
+    seen = []
+
+    def objective(model, x, y):
+        seen.append(x)
+        return standard_loss(model, x, y)
+
+    model = small_mlp()
+    fit(model, clusters_loader(shuffle=False), 1, torch.optim.SGD(model.parameters(), lr=0.1), objective,
+        transform=lambda x: 1 - x)
+    first = next(iter(clusters_loader(shuffle=False)))[0]
+    assert torch.equal(seen[0], 1 - first)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from robustdl import zoo
-from robustdl.attacks import fgsm
+from robustdl.attacks import fgsm, pgd
 from robustdl.data import data_root, load_dataset
 from robustdl.train import evaluate
 
@@ -29,7 +29,7 @@ def test_bundled_models_and_their_size():
     assert total < 20 * 2**20  # all bundled weights under 20 MB
 
 
-@pytest.mark.parametrize("name", ["mnist_smallcnn", "mnist_lenet", "mnist_mlp"])
+@pytest.mark.parametrize("name", zoo.available())
 def test_card_matches_the_weights(name):
     card = zoo.card(name)
     assert card["name"] == name and card["command"] == f"python -m robustdl.zoo train {name}"
@@ -45,6 +45,31 @@ def test_card_accuracy_is_reproduced_on_the_whole_test_split(name, minimum, mnis
     accuracy = evaluate(model, loader)["accuracy"]
     assert accuracy == pytest.approx(zoo.card(name)["test_accuracy"], abs=1e-4)
     assert accuracy >= minimum
+
+
+ROBUST = ["mnist_pgd_at", "mnist_fast", "mnist_trades", "mnist_feature_scattering"]
+
+
+@pytest.mark.parametrize("name", [n for n in ROBUST if n in zoo.available()])
+def test_robust_cards_report_pgd40_and_the_ensemble(name):
+    card = zoo.card(name)
+    assert card["robust_eps"] == 0.3 and card["recipe"]["objective"] != "standard"
+    # The ensemble is the stronger evaluation: never above PGD-40 by more than its sampling error.
+    assert card["robust_accuracy_apgd_ensemble"] <= card["robust_accuracy_pgd40"] + 0.02
+    assert card["robust_accuracy_apgd_ensemble"] > 0.5 and card["test_accuracy"] > 0.95
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", [n for n in ROBUST if n in zoo.available()])
+def test_robust_cards_are_reproduced_on_a_sample(name, mnist_test):
+    """PGD-40 on the first 300 test images agrees with the card's whole-test-set number (binomial error)."""
+    model = zoo.load(name)
+    x, y = (t[:300] for t in mnist_test.tensors)
+    x_adv = pgd(model, x, y, eps=0.3, steps=40, step_size=0.01, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        accuracy = (model(x_adv).argmax(1) == y).float().mean().item()
+    card = zoo.card(name)
+    assert accuracy == pytest.approx(card["robust_accuracy_pgd40"], abs=0.06)  # > 3 standard errors at 300
 
 
 def test_load_is_weights_only_and_in_eval_mode(monkeypatch):

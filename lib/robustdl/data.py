@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_clusters",
     "load_dataset",
     "loader",
+    "random_crop_flip",
     "two_moons",
 ]
 
@@ -193,6 +194,23 @@ def loader(
     shuffle = split == "train" if shuffle is None else shuffle
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR-10 augmentation of a batch: a random crop of the zero-padded image, and a
+    horizontal flip with probability 1/2, drawn per image (He et al. 2016; used by Madry et al. and
+    Wong et al.). Pass it to :func:`~robustdl.train.fit` as ``transform``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy, dx = (torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist() for _ in range(2))
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    crops = [padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]
+    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
 
 
 def _to_unit_square(points: np.ndarray) -> torch.Tensor:

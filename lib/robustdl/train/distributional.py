@@ -420,9 +420,10 @@ def _smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tens
     r"""Cross-entropy against smoothed labels: :math:`1 - \delta` true, :math:`\delta / (C - 1)` others."""
     classes = logits.shape[1]
     smoothing = check_fraction(smoothing, "label_smoothing")
-    if classes < 2 or smoothing > (classes - 1) / classes:
-        raise ValueError(f"label_smoothing must be at most (C - 1) / C = {(classes - 1) / max(classes, 1):.3g} "
-                         f"for C = {classes} classes (the true class keeps the largest weight), got {smoothing}")
+    if classes < 2 or smoothing >= (classes - 1) / classes:
+        raise ValueError(f"label_smoothing must be below (C - 1) / C = {(classes - 1) / max(classes, 1):.3g} "
+                         f"for C = {classes} classes (there the targets are uniform and carry no label; below it "
+                         f"the true class keeps the largest weight), got {smoothing}")
     log_probs = F.log_softmax(logits, dim=1)
     target = torch.full_like(log_probs, smoothing / (classes - 1)).scatter(1, y[:, None], 1 - smoothing)
     return -(target * log_probs).sum(dim=1).mean()
@@ -448,7 +449,9 @@ def feature_scattering_loss(
     with :math:`L` the cross-entropy against labels smoothed by :math:`\delta` =
     ``label_smoothing``: :math:`1 - \delta` on the true class and :math:`\delta / (C - 1)` on
     each of the others. The authors' code smooths with :math:`\delta = 0.5` (the default);
-    ``label_smoothing=0`` is the plain cross-entropy of the paper's equation.
+    ``label_smoothing=0`` is the plain cross-entropy of the paper's equation. :math:`\delta` must
+    be below :math:`(C - 1) / C`, where the targets become uniform: for two classes the default
+    0.5 is refused, pass a smaller one.
     """
     check_labels(y, check_images(x))
     x_adv = feature_scattering_attack(unwrap(model), x, eps, steps, step_size, norm)

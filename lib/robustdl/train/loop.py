@@ -90,10 +90,12 @@ def run_epoch(
     progress: bool | None = None,
     desc: str = "train",
     replays: int = 1,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """One pass over ``loader`` minimising ``objective``; returns the mean loss (over all ranks).
 
-    The model is in train mode during the pass. Each batch is used ``replays`` times in a row,
+    The model is in train mode during the pass. ``transform`` (if any) maps each batch of
+    inputs first, e.g. :func:`~robustdl.data.random_crop_flip`. Each batch is used ``replays`` times in a row,
     one optimiser step each: the minibatch replay of free adversarial training
     :cite:`shafahi2019free` (:class:`~robustdl.train.adversarial.FreeAT`). ``scheduler`` (if
     any) steps once per optimiser step.
@@ -106,6 +108,8 @@ def run_epoch(
     total, count = torch.zeros((), dtype=torch.float64), 0
     for x, y in progress_bar(loader, progress if is_main_process() else False, desc=desc):
         x, y = x.to(dev), y.to(dev)
+        if transform is not None:
+            x = transform(x)
         for _ in range(replays):
             loss = objective(model, x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -181,6 +185,7 @@ def fit(
     replays: int = 1,
     callbacks: Sequence[Callback] = (),
     checkpoint: str | os.PathLike[str] | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Train for ``epochs`` epochs; returns one record per epoch (train loss, test metrics).
 
@@ -199,6 +204,8 @@ def fit(
         replays: minibatch replays (:func:`run_epoch`).
         callbacks: called after each epoch (:data:`Callback`); one returning True stops training,
             e.g. :class:`~robustdl.train.adversarial.CatastrophicOverfittingGuard`.
+        transform: applied to each training batch of inputs (:func:`run_epoch`), e.g. data
+            augmentation.
         checkpoint: a file written after every epoch (model, optimiser, scheduler, objective, the
             random states and the history). If it exists when ``fit`` starts, training resumes
             after its epoch and reproduces the uninterrupted run.
@@ -212,7 +219,7 @@ def fit(
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):
             loader.sampler.set_epoch(epoch)
         record: dict[str, float] = {"epoch": epoch, "train_loss": run_epoch(
-            model, loader, objective, optimizer, scheduler, progress, f"epoch {epoch}/{epochs}", replays)}
+            model, loader, objective, optimizer, scheduler, progress, f"epoch {epoch}/{epochs}", replays, transform)}
         if test_loader is not None:
             record |= {f"test_{k}": v for k, v in evaluate(model, test_loader, progress=progress).items()}
         stop = any([callback(model, record) for callback in callbacks])
