@@ -83,13 +83,13 @@ RECIPES: dict[str, Recipe] = {
                     "eps ramped up over the first 1000 steps; Adam, one-cycle.",
     ),
     "mnist_trades": Recipe(
-        model="convsmall", dataset="mnist", epochs=8, lr=2e-3, objective="trades",
+        model="convsmall", dataset="mnist", epochs=5, lr=2e-3, objective="trades",
         objective_kwargs={"eps": 0.3, "steps": 10, "beta": 6.0}, warmup=1000, robust_eps=0.3,
         description="TRADES (Zhang et al. 2019) at Linf eps 0.3, beta 6, inner PGD-10 on the KL divergence, "
                     "eps ramped up over the first 1000 steps; Adam, one-cycle.",
     ),
     "mnist_feature_scattering": Recipe(
-        model="convsmall", dataset="mnist", epochs=8, lr=2e-3, objective="feature_scattering",
+        model="convsmall", dataset="mnist", epochs=5, lr=2e-3, objective="feature_scattering",
         objective_kwargs={"eps": 0.3}, warmup=1000, robust_eps=0.3,
         description="Feature-scattering adversarial training (Zhang and Wang 2019) at Linf eps 0.3: one step of "
                     "size eps from a random start on the batch's OT distance between clean and perturbed logits, "
