@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,8 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> list[dict[str, float]]:
-    """Train for ``epochs`` epochs; returns one record per epoch (train loss, test metrics).
+    """Train for ``epochs`` epochs; returns one record per epoch (train loss, its training time in
+    seconds, test metrics).
 
     Args:
         model: the network, plain or wrapped in DistributedDataParallel.
@@ -218,8 +220,10 @@ def fit(
     for epoch in range(start + 1, epochs + 1):
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        start_time = time.perf_counter()
         record: dict[str, float] = {"epoch": epoch, "train_loss": run_epoch(
             model, loader, objective, optimizer, scheduler, progress, f"epoch {epoch}/{epochs}", replays, transform)}
+        record["seconds"] = time.perf_counter() - start_time
         if test_loader is not None:
             record |= {f"test_{k}": v for k, v in evaluate(model, test_loader, progress=progress).items()}
         stop = any([callback(model, record) for callback in callbacks])

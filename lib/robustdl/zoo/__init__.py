@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,10 +76,12 @@ RECIPES: dict[str, Recipe] = {
                     "from a random start, eps ramped up over the first 1000 steps; Adam, one-cycle.",
     ),
     "mnist_fast": Recipe(
-        model="convsmall", dataset="mnist", epochs=12, lr=2e-3, objective="fast_at",
-        objective_kwargs={"eps": 0.3, "step_size": 0.375}, warmup=1000, robust_eps=0.3,
-        description="Fast FGSM training from a random start (Wong et al. 2020) at Linf eps 0.3, step 1.25 eps, "
-                    "eps ramped up over the first 1000 steps; Adam, one-cycle.",
+        model="convsmall", dataset="mnist", epochs=12, lr=2e-3, objective="pgd_at",
+        objective_kwargs={"eps": 0.3, "steps": 2}, warmup=1000, robust_eps=0.3,
+        description="Fast adversarial training at Linf eps 0.3: the FGSM step from a random start of Wong et al. "
+                    "(2020), step 1.25 eps, followed by a second such step (PGD-2): 3 passes per step against "
+                    "PGD-10's 11. FGSM with a random start alone overfits catastrophically on this network at "
+                    "eps 0.3 (see the chapter). eps ramped up over the first 1000 steps; Adam, one-cycle.",
     ),
     "mnist_trades": Recipe(
         model="convsmall", dataset="mnist", epochs=5, lr=2e-3, objective="trades",
@@ -186,10 +187,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * recipe.replays * len(train_loader))
     objective = make_objective(recipe.objective, recipe.warmup, **recipe.objective_kwargs)
-    start = time.perf_counter()
     history = fit(model, train_loader, recipe.epochs, optimizer, objective, scheduler=scheduler,
                   progress=progress, replays=recipe.replays, checkpoint=checkpoint)
-    wall_time = time.perf_counter() - start
+    wall_time = sum(h["seconds"] for h in history)  # every epoch's, across resumes from the checkpoint
 
     weights = _weights_path(name, folder)
     weights.parent.mkdir(parents=True, exist_ok=True)
