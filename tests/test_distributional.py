@@ -267,6 +267,9 @@ def test_label_smoothing_is_the_authors_definition():
     assert torch.allclose(_smoothed_cross_entropy(logits, y, 0.0), F.cross_entropy(logits, y))
     # true class 1 - delta, others delta / (C - 1): torch's smoothing with delta * C / (C - 1)
     assert torch.allclose(_smoothed_cross_entropy(logits, y, 0.5), F.cross_entropy(logits, y, label_smoothing=2 / 3))
+    # With two classes, smoothing 0.5 would make the targets uniform and teach nothing: refused.
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _smoothed_cross_entropy(logits[:, :2], y % 2, 0.5)
 
 
 def test_latent_distribution_at_updates_its_discriminator_and_freezes_it_for_the_classifier():
