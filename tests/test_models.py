@@ -42,6 +42,18 @@ def test_convsmall_is_wong_and_kolters_small_network():
         build_model("convsmall", "mnist", image_size=30)
 
 
+@pytest.mark.parametrize(("channels", "hidden"), [((8,), 32), ((8, 16, 32), 64), ((32, 64), 256)])
+def test_convsmall_widens_and_deepens(channels, hidden):
+    model = build_model("convsmall", "mnist", channels=channels, hidden=hidden)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == list(channels)
+    side = 28 // 2 ** len(channels)
+    assert model.net[-3].in_features == channels[-1] * side * side and model.net[-1].in_features == hidden
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="channels"):
+        build_model("convsmall", "mnist", channels=())
+
+
 def test_mlp_on_2d_points():
     model = build_model("mlp", "points", hidden=(16,), classes=3).eval()
     assert model(torch.rand(5, 2)).shape == (5, 3)

@@ -153,6 +153,8 @@ class ConvSmall(nn.Module):
 
     conv 4x4 stride 2 (16) - ReLU - conv 4x4 stride 2 (32) - ReLU - FC 100 - ReLU - FC.
     Linear, convolution and ReLU layers only, so bound propagation covers it exactly.
+    ``channels`` and ``hidden`` widen or deepen it (one stride-2 convolution per entry of
+    ``channels``), as the measures grid of Part III does.
     """
 
     def __init__(
@@ -162,19 +164,23 @@ class ConvSmall(nn.Module):
         image_size: int = 28,
         mean: Sequence[float] = (0.1307,),
         std: Sequence[float] = (0.3081,),
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 100,
     ) -> None:
         super().__init__()
         if image_size % 4:
             raise ValueError(f"ConvSmall needs an image side divisible by 4, got image_size={image_size}")
-        side = image_size // 4
-        self.net = nn.Sequential(
-            Normalize(mean, std),
-            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(32 * side * side, 100), nn.ReLU(),
-            nn.Linear(100, classes),
-        )
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {tuple(channels)}")
+        layers: list[nn.Module] = [Normalize(mean, std)]
+        side = image_size
+        for a, b in itertools.pairwise([in_channels, *channels]):
+            layers += [nn.Conv2d(a, b, 4, stride=2, padding=1), nn.ReLU()]
+            side //= 2
+        if side < 1:
+            raise ValueError(f"{len(channels)} stride-2 convolutions leave nothing of a {image_size}-pixel image")
+        layers += [nn.Flatten(), nn.Linear(channels[-1] * side * side, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
