@@ -18,7 +18,17 @@ import torch
 import yaml
 
 from robustdl import experiments
-from robustdl.experiments import Grid, SweepError, collect, load_grid, point_id, points, run_grid, save_results
+from robustdl.experiments import (
+    Grid,
+    SweepError,
+    collect,
+    committed_results,
+    load_grid,
+    point_id,
+    points,
+    run_grid,
+    save_results,
+)
 
 PRODUCT = "from robustdl.experiments import save_results\nsave_results({'product': a * b}, results_path)"
 FAIL_AT_3 = "if a == 3:\n    raise RuntimeError('boom at a=3')\n" + PRODUCT
@@ -322,3 +332,18 @@ def test_save_results_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(OSError, match="killed mid-write"):
         save_results({"acc": 0.0}, path)
     assert json.loads(path.read_text()) == {"acc": 0.75} and temp_files(tmp_path) == []
+
+
+def test_committed_results_are_found_from_a_chapter_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = [{"point": "a=1", "a": 1, "acc": 0.5}]
+    (tmp_path / "experiments" / "runs" / "grid").mkdir(parents=True)
+    (tmp_path / "experiments" / "runs" / "grid" / "results.json").write_text(json.dumps(table))
+    (tmp_path / "book" / "part").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "book" / "part")
+    assert committed_results("experiments/runs/grid") == table
+
+
+def test_committed_results_missing_everywhere_says_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run the sweep"):
+        committed_results("experiments/runs/none", base=(tmp_path / "nowhere").as_uri())

@@ -48,6 +48,7 @@ import os
 import re
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,21 @@ from tqdm.auto import tqdm
 
 from robustdl._progress import progress_bar
 
-__all__ = ["Grid", "SweepError", "collect", "load_grid", "point_id", "points", "run_grid", "save_results"]
+__all__ = [
+    "Grid",
+    "SweepError",
+    "collect",
+    "committed_results",
+    "load_grid",
+    "point_id",
+    "points",
+    "run_grid",
+    "save_results",
+]
+
+#: Where a chapter opened on Colab, with only the library installed, reads committed results tables
+#: (the repository of _config.yml, branch main).
+RAW_REPOSITORY = "https://raw.githubusercontent.com/robustdl/robustdl/main"
 
 #: The parameter through which a sweep tells the notebook where to write its results.
 RESULTS_PARAMETER = "results_path"
@@ -261,6 +276,26 @@ def collect(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{results_path}: result key(s) {clash} differ from the parameters of the same name")
         rows.append({"point": notebook.stem, **params, **results})
     return rows
+
+
+def committed_results(output: str, base: str = RAW_REPOSITORY) -> list[dict[str, Any]]:
+    """The results table a sweep committed, ``output/results.json`` (``output`` as in its YAML).
+
+    A chapter runs in its own folder, so the table is looked for under the working directory and
+    each of its parents; where none has it (a chapter opened on Colab, with only the library
+    installed) it is read from the repository at ``base``.
+    """
+    for folder in [Path.cwd(), *Path.cwd().parents]:
+        path = folder / output / TABLE_JSON
+        if path.exists():
+            return json.loads(path.read_text())
+    url = f"{base}/{output}/{TABLE_JSON}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+    except OSError as error:
+        raise FileNotFoundError(f"no {output}/{TABLE_JSON} under {Path.cwd()} or its parents, and {url} "
+                                f"could not be read ({error}); run the sweep that writes it") from error
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], output: Path) -> Path:
