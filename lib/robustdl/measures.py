@@ -1,0 +1,319 @@
+r"""Generalisation measures: weight correlation, the complexity measures of the tutorial's Table 1,
+the (robust) generalisation error, and Kendall's rank correlation.
+
+Taught in the chapter *Robustness vs generalisation* (``book/04-generalisation``). The measures
+follow Jin et al. (2020), :cite:`jin2020does`, and the PAC-Bayes sharpness search of Jiang et al.
+(2020), :cite:`jiang2020fantastic`; layers are the ``nn.Linear`` and ``nn.Conv2d`` modules of a
+model, in forward order, and a layer's *neurons* are the rows of its weight matrix (a convolution's
+filters, each reshaped to a vector).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustdl._checks import check_positive_int
+
+__all__ = [
+    "KendallTau",
+    "average_weight_correlation",
+    "complexity_measures",
+    "correlation_term",
+    "generalisation_error",
+    "kendall_tau",
+    "layer_input_shapes",
+    "layer_map",
+    "operator_norm",
+    "pac_bayes",
+    "pac_bayes_sigma",
+    "power_iteration",
+    "robust_generalisation_error",
+    "weight_correlation",
+    "weight_matrices",
+    "weighted_layers",
+]
+
+Data = tuple[Tensor, Tensor]
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def weighted_layers(model: nn.Module) -> list[nn.Module]:
+    """The ``nn.Linear`` and ``nn.Conv2d`` layers of ``model``, in the order they were registered."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise ValueError(f"model has no Linear or Conv2d layer to measure: {type(model).__name__}")
+    return layers
+
+
+def weight_matrices(model: nn.Module) -> list[Tensor]:
+    """Every layer's weight as a matrix whose rows are its neurons: Linear ``(out, in)``, Conv2d
+    ``(out_channels, in_channels * kh * kw)``."""
+    return [m.weight.flatten(1) for m in weighted_layers(model)]
+
+
+def weight_correlation(weight: Tensor) -> Tensor:
+    r"""The average weight correlation of a layer, Jin et al. (2020), :cite:`jin2020does`:
+
+    .. math:: \rho(W_l) = \frac{1}{N_l (N_l - 1)} \sum_{i \ne j} \frac{|w_{l,i}^\top w_{l,j}|}
+              {\|w_{l,i}\|_2 \, \|w_{l,j}\|_2},
+
+    the mean absolute cosine similarity of the weight vectors of two distinct neurons (filters of
+    a convolution, reshaped). Differentiable, so it serves as a regulariser too.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() < 2 or weight.shape[0] < 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a tensor of at least two neurons, shape (N >= 2, ...), got {shape}")
+    unit = F.normalize(weight.flatten(1), dim=1)
+    cosine = (unit @ unit.T).abs()
+    n = weight.shape[0]
+    return (cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1))
+
+
+def average_weight_correlation(model: nn.Module) -> float:
+    r"""WC of the tutorial's Table 1: :math:`\frac1L \sum_l \rho(W_l)` over the model's layers."""
+    with torch.no_grad():
+        return torch.stack([weight_correlation(m.weight) for m in weighted_layers(model)]).mean().item()
+
+
+def layer_map(layer: nn.Module, weight: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """The linear map ``v -> W v`` a Linear or Conv2d layer applies (no bias), with ``weight`` in place of
+    the layer's own when given."""
+    _check_layer(layer)
+    w = layer.weight if weight is None else weight
+    if isinstance(layer, nn.Linear):
+        return lambda v: F.linear(v, w)
+    if layer.padding_mode != "zeros":
+        raise ValueError(f"only zero-padded convolutions are linear maps, got padding_mode={layer.padding_mode!r}")
+    return lambda v: F.conv2d(v, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _check_layer(layer: object) -> None:
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"layer must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+
+
+def power_iteration(apply: Callable[[Tensor], Tensor], v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    r"""The largest singular value of the linear map ``apply`` by ``iters`` steps of power iteration on
+    :math:`A^\top A` from ``v``; the adjoint :math:`A^\top` comes from autograd, so any convolution
+    (stride, padding) is handled exactly. Returns :math:`\|A v\|` for the final unit ``v`` (a lower
+    bound that converges to :math:`\sigma_{\max}`) and ``v``.
+    """
+    v = v.detach() / v.norm()
+    for _ in range(iters):
+        _, adjoint = torch.func.vjp(apply, v)
+        (v,) = adjoint(apply(v).detach())
+        v = (v / v.norm().clamp_min(1e-30)).detach()
+    return apply(v).norm(), v
+
+
+def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, iters: int = 100,
+                  weight: Tensor | None = None) -> float:
+    r"""The spectral norm :math:`\sigma(W) = \max_{\|x\|_2 \le 1} \|W x\|_2` of a layer's linear map,
+    :cite:`miyato2018spectral`.
+
+    A Linear layer's is exact (``torch.linalg.matrix_norm(ord=2)``). A Conv2d's is that of the
+    convolution as an operator on inputs of shape ``input_shape`` (C, H, W), by power iteration
+    (Farnia et al. 2019, :cite:`farnia2019generalizable`), which needs the shape: the same kernel
+    has different norms on different image sizes. ``weight`` replaces the layer's weight (e.g. a
+    difference of weights).
+    """
+    _check_layer(layer)
+    w = (layer.weight if weight is None else weight).detach()
+    if isinstance(layer, nn.Linear):
+        return torch.linalg.matrix_norm(w, ord=2).item()
+    if input_shape is None:
+        raise ValueError("input_shape (C, H, W) is needed for the operator norm of a Conv2d layer")
+    apply = layer_map(layer, w)
+    v = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=w.dtype).to(w.device)
+    return power_iteration(apply, v, check_positive_int(iters, "iters"))[0].item()
+
+
+def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple[int, ...]]:
+    """The shape (without the batch) of the input each Linear/Conv2d layer of ``model`` receives for
+    inputs of shape ``input_shape``, found by one forward pass on zeros."""
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record(layer: nn.Module, args: tuple[Tensor, ...], _out: Tensor) -> None:
+        shapes.setdefault(layer, tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_hook(record) for m in weighted_layers(model)]
+    try:
+        probe = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=probe.dtype, device=probe.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def _error(model: nn.Module, data: Data, batch_size: int = 1000) -> float:
+    x, y = data
+    wrong = sum((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum().item()
+                for i in range(0, len(x), batch_size))
+    return wrong / len(x)
+
+
+@torch.no_grad()
+def _perturbed_error(model: nn.Module, data: Data, sigma: float, samples: int, generator: torch.Generator) -> float:
+    """Mean training error of ``model`` with every parameter moved by N(0, sigma^2) noise."""
+    params = list(model.parameters())
+    originals = [p.detach().clone() for p in params]
+    errors = []
+    try:
+        for _ in range(samples):
+            for p, p0 in zip(params, originals, strict=True):
+                noise = torch.randn(p0.shape, generator=generator, dtype=p0.dtype).to(p0.device)
+                p.copy_(p0 + sigma * noise)
+            errors.append(_error(model, data))
+    finally:
+        for p, p0 in zip(params, originals, strict=True):
+            p.copy_(p0)
+    return sum(errors) / samples
+
+
+def pac_bayes_sigma(model: nn.Module, data: Data, deviation: float = 0.1, samples: int = 4,
+                    bisections: int = 12, bounds: tuple[float, float] = (1e-4, 1.0), seed: int = 0) -> float:
+    r"""The sharpness search of Jiang et al. (2020), :cite:`jiang2020fantastic`: the largest
+    :math:`\sigma` such that perturbing every parameter by :math:`\mathcal N(0, \sigma^2)` raises the
+    training error by at most ``deviation`` (their 0.1) on average over ``samples`` draws; by
+    bisection on :math:`\log\sigma` within ``bounds``. One :math:`\sigma` for all layers, as theirs.
+    """
+    was_training = model.training
+    model.eval()
+    base = _error(model, data)
+    generator = torch.Generator().manual_seed(seed)
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    try:
+        for _ in range(check_positive_int(bisections, "bisections")):
+            mid = (lo + hi) / 2
+            if _perturbed_error(model, data, math.exp(mid), samples, generator) - base <= deviation:
+                lo = mid
+            else:
+                hi = mid
+    finally:
+        model.train(was_training)
+    return math.exp(lo)
+
+
+def pac_bayes(model: nn.Module, init_model: nn.Module, sigma: float) -> float:
+    r"""PB of the tutorial's Table 1, the KL term of McAllester's bound (:cite:`mcallester1999pac`)
+    for the prior :math:`\mathcal N(\theta^0, \sigma^2 I)` and posterior :math:`\mathcal N(\theta^F, \sigma^2 I)`:
+    :math:`\sum_\ell \|\theta^0_\ell - \theta^F_\ell\|_{Fr}^2 / 2\sigma^2`."""
+    return sum(((m0.weight - m.weight).detach().pow(2).sum() / (2 * sigma**2)).item()
+               for m, m0 in zip(weighted_layers(model), weighted_layers(init_model), strict=True))
+
+
+def correlation_term(weight: Tensor) -> float:
+    r"""The weight-correlation term :math:`g(w_\ell)` that lifts PB to PBC (Jin et al. 2020,
+    :cite:`jin2020does`), as we read their construction: the posterior covariance of a layer couples
+    its :math:`N_\ell` neurons through the equicorrelation matrix :math:`R(\rho)` (ones on the
+    diagonal, :math:`\rho = \rho(W_\ell)` off it) for each of the :math:`N_{\ell-1}` inputs, and the KL
+    divergence to the isotropic prior gains
+
+    .. math:: g(w_\ell) = -\frac{N_{\ell-1}}{2} \log\det R(\rho)
+              = -\frac{N_{\ell-1}}{2} \big[(N_\ell - 1)\log(1-\rho) + \log(1 + (N_\ell - 1)\rho)\big] \ \ge 0,
+
+    zero for uncorrelated neurons and growing with :math:`\rho`.
+    """
+    n, fan_in = weight.shape[0], weight[0].numel()
+    rho = min(weight_correlation(weight.detach()).item(), 1 - 1e-12)
+    return -fan_in / 2 * ((n - 1) * math.log1p(-rho) + math.log1p((n - 1) * rho))
+
+
+def complexity_measures(model: nn.Module, init_model: nn.Module, train_data: Data, input_shape: tuple[int, ...],
+                        sigma: float | None = None) -> dict[str, float]:
+    r"""The complexity measures of the tutorial's Table 1 (Jin et al. 2020, :cite:`jin2020does`) for a
+    network trained from ``init_model`` to ``model``, over their Linear/Conv2d weights:
+
+    * PFN :math:`\prod_\ell \|\theta^F_\ell\|_{Fr}` and PSN :math:`\prod_\ell \|\theta^F_\ell\|_2`
+      (spectral norms of convolutions as operators, :func:`operator_norm`);
+    * NoP, the number of parameters; SoSP, NoP :math:`\times \sum_\ell \|\theta^0_\ell - \theta^F_\ell\|_2`;
+    * PB (:func:`pac_bayes`, with :math:`\sigma` from :func:`pac_bayes_sigma` on ``train_data`` unless
+      given) and PBC, PB :math:`+ \sum_\ell g(w_\ell)` (:func:`correlation_term`);
+    * WC, :func:`average_weight_correlation`.
+
+    Also returned: ``sigma``, the sharpness :math:`\sigma` used.
+    """
+    layers, initial = weighted_layers(model), weighted_layers(init_model)
+    shapes = layer_input_shapes(model, input_shape)
+    sigma = pac_bayes_sigma(model, train_data) if sigma is None else sigma
+    nop = sum(p.numel() for p in model.parameters())
+    pb = pac_bayes(model, init_model, sigma)
+    with torch.no_grad():
+        return {
+            "PFN": math.prod(m.weight.norm().item() for m in layers),
+            "PSN": math.prod(operator_norm(m, shapes[m]) for m in layers),
+            "NoP": float(nop),
+            "SoSP": nop * sum(operator_norm(m, shapes[m], weight=m0.weight - m.weight)
+                              for m, m0 in zip(layers, initial, strict=True)),
+            "PB": pb,
+            "PBC": pb + sum(correlation_term(m.weight) for m in layers),
+            "WC": average_weight_correlation(model),
+            "sigma": sigma,
+        }
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    return sum(F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum").item()
+               for i in range(0, len(x), batch_size)) / len(x)
+
+
+def generalisation_error(model: nn.Module, train: Data, test: Data, batch_size: int = 500) -> float:
+    r"""GE of the tutorial: :math:`|\,l(f_\theta(S), Y) - \hat l(f_\theta(S_d), Y_d)\,|`, the cross-entropy on
+    ``test`` (standing for the distribution) minus that on the training set ``train``."""
+    was_training = model.training
+    model.eval()
+    try:
+        return abs(_mean_loss(model, *test, batch_size) - _mean_loss(model, *train, batch_size))
+    finally:
+        model.train(was_training)
+
+
+def robust_generalisation_error(model: nn.Module, train: Data, test: Data, attack: Attack,
+                                batch_size: int = 500) -> float:
+    r"""RGE of the tutorial: the generalisation error between the adversarial examples ``attack``
+    finds for the test set and for the training set, :cite:`schmidt2018adversarially`."""
+    def adversarial(data: Data) -> Data:
+        x, y = data
+        return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size])
+                          for i in range(0, len(x), batch_size)]), y
+    return generalisation_error(model, adversarial(train), adversarial(test), batch_size)
+
+
+class KendallTau(NamedTuple):
+    """Kendall's rank correlation and its pair counts."""
+
+    tau: float
+    concordant: int
+    discordant: int
+
+
+def kendall_tau(a: object, b: object) -> KendallTau:
+    r"""Kendall's :math:`\tau` between two rankings, as the tutorial's Table 2 ranks measures against
+    the generalisation error: over the pairs :math:`i < j`, :math:`C` pairs ordered alike by ``a`` and
+    ``b``, :math:`D` ordered oppositely, and
+
+    .. math:: \tau = \frac{C - D}{\sqrt{(n_0 - t_a)(n_0 - t_b)}},
+
+    with :math:`n_0` the number of pairs and :math:`t_a, t_b` the pairs tied in ``a`` or ``b``
+    (:math:`\tau_b`, which is :math:`(C - D)/(C + D)` without ties, the table's value).
+    """
+    x, y = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"a and b need the same length, at least 2, got {len(x)} and {len(y)}")
+    i, j = torch.triu_indices(len(x), len(x), offset=1)
+    sa, sb = torch.sign(x[i] - x[j]), torch.sign(y[i] - y[j])
+    concordant, discordant = int((sa * sb > 0).sum()), int((sa * sb < 0).sum())
+    pairs = len(i)
+    denominator = math.sqrt((pairs - int((sa == 0).sum())) * (pairs - int((sb == 0).sum())))
+    tau = (concordant - discordant) / denominator if denominator else float("nan")
+    return KendallTau(tau, concordant, discordant)
