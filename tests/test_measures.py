@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy
+import pandas
 import pytest
 import scipy.stats
 import torch
@@ -163,6 +165,7 @@ def test_kendall_tau_reproduces_the_tutorials_table_2():
     pb = [1.1e4, 8.8e3, 2.0e3, 2.6e3, 3.3e3, 4.7e3, 1.0e4, 1.6e7, 1.0e9]
     assert kendall_tau(pbc, ge)[1:] == (29, 7) and kendall_tau(pbc, ge).tau == pytest.approx(0.61, abs=0.005)
     assert kendall_tau(pb, ge)[1:] == (24, 12) and kendall_tau(pb, ge).tau == pytest.approx(1 / 3)
+    assert kendall_tau(pandas.Series(pb), numpy.array(ge)) == kendall_tau(pb, ge)
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -298,16 +299,16 @@ class KendallTau(NamedTuple):
 
 
 def kendall_tau(a: object, b: object) -> KendallTau:
-    r"""Kendall's :math:`\tau` between two rankings, as the tutorial's Table 2 ranks measures against
-    the generalisation error: over the pairs :math:`i < j`, :math:`C` pairs ordered alike by ``a`` and
-    ``b``, :math:`D` ordered oppositely, and
+    r"""Kendall's :math:`\tau` between two rankings (sequences, arrays or pandas columns), as the
+    tutorial's Table 2 ranks measures against the generalisation error: over the pairs
+    :math:`i < j`, :math:`C` pairs ordered alike by ``a`` and ``b``, :math:`D` ordered oppositely, and
 
     .. math:: \tau = \frac{C - D}{\sqrt{(n_0 - t_a)(n_0 - t_b)}},
 
     with :math:`n_0` the number of pairs and :math:`t_a, t_b` the pairs tied in ``a`` or ``b``
     (:math:`\tau_b`, which is :math:`(C - D)/(C + D)` without ties, the table's value).
     """
-    x, y = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    x, y = (torch.from_numpy(np.array(v, dtype=np.float64)).flatten() for v in (a, b))
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"a and b need the same length, at least 2, got {len(x)} and {len(y)}")
     i, j = torch.triu_indices(len(x), len(x), offset=1)
