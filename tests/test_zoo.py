@@ -12,6 +12,7 @@ from robustdl import zoo
 from robustdl.attacks import fgsm, pgd
 from robustdl.data import data_root, load_dataset
 from robustdl.train import evaluate
+from robustdl.verify import certified_accuracy, ibp_margin
 
 needs_mnist = pytest.mark.skipif(
     not (data_root() / "MNIST/raw/t10k-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
@@ -78,6 +79,21 @@ def test_robust_cards_are_reproduced_on_a_sample(name, mnist_test):
         accuracy = (model(x_adv).argmax(1) == y).float().mean().item()
     card = zoo.card(name)
     assert accuracy == pytest.approx(card["robust_accuracy_pgd40"], abs=0.06)  # > 3 standard errors at 300
+
+
+@needs_mnist
+@pytest.mark.skipif("mnist_ibp" not in zoo.available(), reason="mnist_ibp is not bundled")
+def test_ibp_card_is_certified_and_its_certificate_reproduced(mnist_test):
+    """IBP training certifies at 0.3 (Gowal et al. 2018); on the card's 1000 images no certified accuracy
+    exceeds the attacked one, and the IBP certificate is recomputed from the weights."""
+    card = zoo.card("mnist_ibp")
+    assert card["recipe"]["objective"] == "ibp" and card["robust_eps"] == 0.3
+    for bound in ("ibp", "crown"):
+        assert card[f"certified_accuracy_{bound}"] <= card["robust_accuracy_apgd_ensemble"]
+    assert card["certified_accuracy_ibp"] >= 0.85 and card["test_accuracy"] >= 0.94  # measured: 0.856, 0.944
+    x, y = (t[:1000] for t in mnist_test.tensors)
+    certified = certified_accuracy(zoo.load("mnist_ibp"), x, y, 0.3, bound=ibp_margin, batch_size=500)
+    assert certified == pytest.approx(card["certified_accuracy_ibp"], abs=2e-3)
 
 
 def test_load_is_weights_only_and_in_eval_mode(monkeypatch):

@@ -8,8 +8,10 @@ from typing import Any
 
 from robustdl._checks import check_positive_int
 from robustdl.train.adversarial import EpsilonRamp, FreeAT, fast_at_loss, pgd_at_loss, trades_loss
+from robustdl.train.certified import ibp_loss
 from robustdl.train.distributional import feature_scattering_loss, vat_loss, wrm_loss
 from robustdl.train.loop import Objective, standard_loss
+from robustdl.train.scr import at_scr_loss
 
 __all__ = ["OBJECTIVES", "make_objective"]
 
@@ -22,6 +24,8 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "wrm": wrm_loss,
     "vat": vat_loss,
     "feature_scattering": feature_scattering_loss,
+    "ibp": ibp_loss,
+    "at_scr": at_scr_loss,
 }
 #: Stateful objectives, built by their class.
 _CLASSES: dict[str, Callable[..., Objective]] = {"free": FreeAT}

@@ -1,0 +1,48 @@
+"""Verification: sound bounds, exact solvers and certified robustness of neural networks.
+
+* :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP) and CROWN, certified accuracy;
+* :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP).
+"""
+
+from robustdl.verify.bounds import (
+    BoundOp,
+    certified,
+    certified_accuracy,
+    crown_bounds,
+    crown_margin,
+    ibp_margin,
+    interval_bounds,
+    layers,
+    margin_spec,
+    operators,
+    preactivation_bounds,
+)
+from robustdl.verify.milp import MarginResult, exact_margin, exact_min_margin
+
+# One line per module: each module appends its own names.
+__all__ = ["BoundOp", "certified", "certified_accuracy", "crown_bounds", "crown_margin", "ibp_margin",
+           "interval_bounds", "layers", "margin_spec", "operators", "preactivation_bounds"]
+__all__ += ["MarginResult", "exact_margin", "exact_min_margin"]
+
+from robustdl.verify.clever import clever  # noqa: E402
+from robustdl.verify.deepgo import Bounds, SafetyResult, minimise, reachability, safety  # noqa: E402
+from robustdl.verify.splitting import MonteCarloResult, SplittingResult, multilevel_splitting, naive_monte_carlo  # noqa: E402
+
+__all__ += ["clever"]
+__all__ += ["Bounds", "SafetyResult", "minimise", "reachability", "safety"]
+__all__ += ["MonteCarloResult", "SplittingResult", "multilevel_splitting", "naive_monte_carlo"]
+
+from robustdl.verify.coverage import (  # noqa: E402
+    ActivationProfile,
+    Coverage,
+    activation_profile,
+    boundary_coverage,
+    kmultisection_coverage,
+    neuron_coverage,
+    sign_sign_coverage,
+)
+from robustdl.verify.testgen import TestReport, generate_tests  # noqa: E402
+
+__all__ += ["ActivationProfile", "Coverage", "activation_profile", "boundary_coverage", "kmultisection_coverage",
+            "neuron_coverage", "sign_sign_coverage"]
+__all__ += ["TestReport", "generate_tests"]
