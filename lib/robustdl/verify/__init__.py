@@ -1,7 +1,13 @@
 """Verification: sound bounds, exact solvers and certified robustness of neural networks.
 
 * :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP) and CROWN, certified accuracy;
-* :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP).
+* :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP);
+* :mod:`robustdl.verify.deepgo` -- Lipschitz global optimisation with converging bounds (DeepGO);
+* :mod:`robustdl.verify.clever` -- CLEVER scores (extreme value theory);
+* :mod:`robustdl.verify.splitting` -- adaptive multi-level splitting for rare violations;
+* :mod:`robustdl.verify.coverage`, :mod:`robustdl.verify.testgen` -- coverage criteria and test generation.
+
+Reliability assessment lives in :mod:`robustdl.reliability`.
 """
 
 from robustdl.verify.bounds import (
