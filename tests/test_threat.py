@@ -41,7 +41,9 @@ def test_projection_lands_inside_ball_and_box(problem):
 def test_projection_is_idempotent(problem):
     ball, x, z = problem
     u = ball.project(z, x)
-    assert torch.equal(ball.project(u, x), u)
+    # Exact up to the last bit of float64: at eps near machine epsilon the L2 rescaling of a point already
+    # on the sphere can move it by one ulp.
+    assert torch.allclose(ball.project(u, x), u, rtol=0, atol=1e-12)
 
 
 @given(problems())
