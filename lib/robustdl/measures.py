@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from robustdl._checks import check_positive_int
+from robustdl.train.loop import evaluate
 
 __all__ = [
     "KendallTau",
@@ -154,12 +156,12 @@ def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[n
     return shapes
 
 
-@torch.no_grad()
+def _loader(data: Data, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(*data), batch_size=batch_size)
+
+
 def _error(model: nn.Module, data: Data, batch_size: int = 1000) -> float:
-    x, y = data
-    wrong = sum((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum().item()
-                for i in range(0, len(x), batch_size))
-    return wrong / len(x)
+    return 1 - evaluate(model, _loader(data, batch_size), progress=False)["accuracy"]
 
 
 @torch.no_grad()
@@ -262,21 +264,12 @@ def complexity_measures(model: nn.Module, init_model: nn.Module, train_data: Dat
         }
 
 
-@torch.no_grad()
-def _mean_loss(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
-    return sum(F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum").item()
-               for i in range(0, len(x), batch_size)) / len(x)
-
-
 def generalisation_error(model: nn.Module, train: Data, test: Data, batch_size: int = 500) -> float:
     r"""GE of the tutorial: :math:`|\,l(f_\theta(S), Y) - \hat l(f_\theta(S_d), Y_d)\,|`, the cross-entropy on
-    ``test`` (standing for the distribution) minus that on the training set ``train``."""
-    was_training = model.training
-    model.eval()
-    try:
-        return abs(_mean_loss(model, *test, batch_size) - _mean_loss(model, *train, batch_size))
-    finally:
-        model.train(was_training)
+    ``test`` (standing for the distribution) minus that on the training set ``train``
+    (:func:`~robustdl.train.evaluate` on each)."""
+    test_loss, train_loss = (evaluate(model, _loader(d, batch_size), progress=False)["loss"] for d in (test, train))
+    return abs(test_loss - train_loss)
 
 
 def robust_generalisation_error(model: nn.Module, train: Data, test: Data, attack: Attack,
