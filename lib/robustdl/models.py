@@ -10,6 +10,10 @@ so attacks and threat models work in pixel space and never need a dataset's mean
 * :class:`ConvSmall` -- the small CNN of Wong and Kolter (2018): two strided 4x4 convolutions
   (16 and 32 channels), a 100-unit hidden layer; no pooling, so the verifiers bound it layer
   by layer. The robust MNIST models of the zoo use it;
+* :class:`ConvLarge` -- the large CNN of Wong et al. (2018): four convolutions (32, 32, 64, 64
+  channels; the second and fourth of stride 2) and two 512-unit hidden layers; like ConvSmall it
+  has only convolutions, ReLUs and linear layers, so the verifiers bound it. The CIFAR-10 models
+  of the zoo use it;
 * :class:`PreActResNet18` -- the pre-activation ResNet-18 of He et al. (2016), the CIFAR-10
   workhorse of adversarial training.
 
@@ -28,6 +32,7 @@ __all__ = [
     "DATASET_SHAPES",
     "MLP",
     "MODELS",
+    "ConvLarge",
     "ConvSmall",
     "LeNet",
     "Normalize",
@@ -186,6 +191,42 @@ class ConvSmall(nn.Module):
         return self.net(x)
 
 
+class ConvLarge(nn.Module):
+    """The large CNN of Wong et al. (2018), :cite:`wong2018scaling`.
+
+    conv 3x3 (32) - ReLU - conv 4x4 stride 2 (32) - ReLU - conv 3x3 (64) - ReLU -
+    conv 4x4 stride 2 (64) - ReLU - FC 512 - ReLU - FC 512 - ReLU - FC. No pooling or batch
+    normalisation, so bound propagation covers it layer by layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        classes: int = 10,
+        image_size: int = 32,
+        mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+        std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    ) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"ConvLarge needs an image side divisible by 4, got image_size={image_size}")
+        side = image_size // 4
+        self.net = nn.Sequential(
+            Normalize(mean, std),
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 512), nn.ReLU(),
+            nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(512, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 class PreActBlock(nn.Module):
     """A pre-activation residual block: BN-ReLU-conv-BN-ReLU-conv plus the shortcut."""
 
@@ -235,7 +276,8 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-MODELS = {"mlp": MLP, "smallcnn": SmallCNN, "lenet": LeNet, "convsmall": ConvSmall, "preact_resnet18": PreActResNet18}
+MODELS = {"mlp": MLP, "smallcnn": SmallCNN, "lenet": LeNet, "convsmall": ConvSmall, "convlarge": ConvLarge,
+          "preact_resnet18": PreActResNet18}
 
 
 def build_model(name: str, dataset: str = "mnist", **kwargs: object) -> nn.Module:

@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from robustdl.attacks import pgd
-from robustdl.data import loader
+from robustdl.data import loader, random_crop_flip
 from robustdl.evaluation import autoattack_like
 from robustdl.models import build_model
 from robustdl.train import evaluate, fit, seed_everything
 from robustdl.train.objectives import make_objective
 from robustdl.verify import certified_accuracy, crown_margin, ibp_margin
 
-__all__ = ["RECIPES", "Recipe", "available", "card", "load", "robust_metrics", "train"]
+__all__ = ["RECIPES", "Recipe", "available", "card", "dataset_of", "load", "robust_metrics", "train"]
 
 ZOO_DIR = Path(__file__).parent
 
@@ -52,6 +52,9 @@ class Recipe:
     warmup: int = 0
     replays: int = 1
     robust_eps: float | None = None
+    augment: bool = False
+    ensemble_examples: int = 1000
+    certify: tuple[str, ...] = ("ibp", "crown")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -104,6 +107,29 @@ RECIPES: dict[str, Recipe] = {
                     "eps 0.3: trained at eps 0.4, kappa * CE(clean) + (1 - kappa) * CE(worst-case logits), eps "
                     "ramped up from 0 and kappa down from 1 to 0.5 over the first 3000 steps; Adam, one-cycle.",
     ),
+    "cifar10_convlarge": Recipe(
+        model="convlarge", dataset="cifar10", epochs=10, lr=1e-3, augment=True,
+        robust_eps=8 / 255, ensemble_examples=500, certify=(),
+        description="Standard (non-robust) training of the large CNN of Wong et al. (2018) on CIFAR-10: random "
+                    "crops and flips, Adam, one-cycle learning rate, cross-entropy.",
+    ),
+    "cifar10_fast_at": Recipe(
+        model="convlarge", dataset="cifar10", epochs=10, lr=1e-3, augment=True, objective="fast_at",
+        objective_kwargs={"eps": 8 / 255}, warmup=1560, robust_eps=8 / 255, ensemble_examples=500,
+        certify=(),
+        description="Fast adversarial training (Wong et al. 2020) of the large CNN of Wong et al. (2018) on "
+                    "CIFAR-10 at Linf eps 8/255: one FGSM step of 1.25 eps from a random start, eps ramped up "
+                    "over the first 4 epochs; random crops and flips, Adam, one-cycle learning rate.",
+    ),
+    "cifar10_ibp": Recipe(
+        model="convsmall", dataset="cifar10", epochs=20, lr=1e-3, augment=True, objective="ibp",
+        objective_kwargs={"eps": 2.2 / 255, "kappa": 0.5, "full_eps": 2.2 / 255}, warmup=3128,
+        robust_eps=2 / 255, ensemble_examples=500,
+        description="Interval bound propagation training (Gowal et al. 2018) of the small CNN of Wong and "
+                    "Kolter (2018) on CIFAR-10 for certified robustness at Linf eps 2/255: trained at 1.1 x "
+                    "2/255, eps ramped up from 0 and kappa down from 1 to 0.5 over the first 8 epochs; random "
+                    "crops and flips, Adam, one-cycle learning rate.",
+    ),
     "mnist_mlp": Recipe(
         model="mlp", dataset="mnist", epochs=8, lr=1e-3, model_kwargs={"hidden": (256, 256)},
         description="Standard training of a 784-256-256-10 ReLU MLP: Adam, one-cycle learning "
@@ -137,6 +163,12 @@ def card(name: str) -> dict[str, object]:
     return json.loads(_card_path(name).read_text())
 
 
+def dataset_of(name: str) -> str:
+    """The dataset that bundled model ``name`` was trained on, e.g. ``"cifar10"``: chapters take a
+    model name as their parameter and load the matching data with it."""
+    return _check_name(name).dataset
+
+
 def load(name: str, device: torch.device | str | None = None) -> nn.Module:
     """The bundled model ``name`` in eval mode, on ``device`` (default: the CPU)."""
     recipe = _check_name(name)
@@ -154,28 +186,36 @@ def load(name: str, device: torch.device | str | None = None) -> nn.Module:
 ENSEMBLE_EXAMPLES = 1000
 
 
-def robust_metrics(model: nn.Module, dataset: str, eps: float) -> dict[str, object]:
+def robust_metrics(
+    model: nn.Module,
+    dataset: str,
+    eps: float,
+    ensemble_examples: int = ENSEMBLE_EXAMPLES,
+    certify: tuple[str, ...] = ("ibp", "crown"),
+) -> dict[str, object]:
     """Robust test accuracy at Linf radius ``eps``: PGD-40 on the whole test set, APGD ensemble on a part.
 
     PGD-40 takes 40 steps of 0.01 (scaled by ``eps / 0.3``) from a random start, Madry et al.'s
     MNIST evaluation; the ensemble is :func:`~robustdl.evaluation.autoattack_like` on the first
-    :data:`ENSEMBLE_EXAMPLES` test images; on the same images, the accuracy certified by IBP and by
-    CROWN (:func:`~robustdl.verify.certified_accuracy`), a lower bound where the attacks give upper ones.
+    ``ensemble_examples`` test images; on the same images, the accuracy certified by the bounds
+    named in ``certify`` (IBP, CROWN: :func:`~robustdl.verify.certified_accuracy`), a lower bound
+    where the attacks give upper ones. Everything runs on the model's device.
     """
     test = loader(dataset, "test", batch_size=500)
     pgd40 = partial(pgd, eps=eps, steps=40, step_size=0.01 * eps / 0.3)
-    x, y = (t[:ENSEMBLE_EXAMPLES] for t in test.dataset.tensors)
-    x_adv = autoattack_like(model, x, y, eps, generator=torch.Generator().manual_seed(0))
+    where = next(model.parameters()).device
+    x, y = (t[:ensemble_examples].to(where) for t in test.dataset.tensors)
+    x_adv = autoattack_like(model, x, y, eps, generator=torch.Generator(where).manual_seed(0))
     with torch.no_grad():
         ensemble = (model(x_adv).argmax(1) == y).float().mean().item()
+    bounds = {"ibp": ibp_margin, "crown": crown_margin}
     return {
         "robust_eps": eps,
         "robust_accuracy_pgd40": evaluate(model, test, attack=pgd40, progress=False)["accuracy"],
         "robust_accuracy_apgd_ensemble": ensemble,
-        "robust_accuracy_apgd_ensemble_examples": ENSEMBLE_EXAMPLES,
+        "robust_accuracy_apgd_ensemble_examples": len(x),
         # Sound lower bounds on robust accuracy, on the same images (robustdl.verify).
-        "certified_accuracy_ibp": certified_accuracy(model, x, y, eps, bound=ibp_margin),
-        "certified_accuracy_crown": certified_accuracy(model, x, y, eps, bound=crown_margin),
+        **{f"certified_accuracy_{name}": certified_accuracy(model, x, y, eps, bound=bounds[name]) for name in certify},
     }
 
 
@@ -200,7 +240,8 @@ def train(
         optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * recipe.replays * len(train_loader))
     objective = make_objective(recipe.objective, recipe.warmup, **recipe.objective_kwargs)
     history = fit(model, train_loader, recipe.epochs, optimizer, objective, scheduler=scheduler,
-                  progress=progress, replays=recipe.replays, checkpoint=checkpoint)
+                  progress=progress, replays=recipe.replays, checkpoint=checkpoint,
+                  transform=random_crop_flip if recipe.augment else None)
     wall_time = sum(h["seconds"] for h in history)  # every epoch's, across resumes from the checkpoint
 
     weights = _weights_path(name, folder)
@@ -208,13 +249,15 @@ def train(
     torch.save({k: v.detach().cpu().half() for k, v in model.state_dict().items()}, weights)
     stored = build_model(recipe.model, recipe.dataset, **recipe.model_kwargs)
     stored.load_state_dict({k: v.float() for k, v in torch.load(weights, weights_only=True).items()})
+    stored = stored.to(device).eval()
     metrics = evaluate(stored, loader(recipe.dataset, "test", batch_size=500), progress=progress)
-    robustness = {} if recipe.robust_eps is None else robust_metrics(stored, recipe.dataset, recipe.robust_eps)
+    robustness = {} if recipe.robust_eps is None else robust_metrics(
+        stored, recipe.dataset, recipe.robust_eps, recipe.ensemble_examples, recipe.certify)
     model_card = {
         "name": name,
         "recipe": asdict(recipe),
-        "data": f"{recipe.dataset}: the whole train split ({len(train_loader.dataset)} images), no "
-                "augmentation; tested on the whole test split",
+        "data": f"{recipe.dataset}: the whole train split ({len(train_loader.dataset)} images), "
+                f"{'random crops and flips' if recipe.augment else 'no augmentation'}; tested on the whole test split",
         "train_loss_per_epoch": [round(h["train_loss"], 4) for h in history],
         "wall_time_s": round(wall_time, 1),
         "device": f"{device} ({platform.processor() or platform.machine()}, "
