@@ -13,7 +13,11 @@ export ROBUSTDL_PROGRESS ?= 0
 export ROBUSTDL_WIDGETS ?= 0
 NOTEBOOKS := $(shell find book -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -path '*/_build/*' 2>/dev/null | sort)
 
-.PHONY: setup test lint pytest nbval book student experiments data clean
+# The chapter runner's options: ONLY="introduction white-box" restricts it to those chapters.
+ONLY ?=
+ONLY_ARGS := $(if $(strip $(ONLY)),--only $(ONLY))
+
+.PHONY: setup test lint pytest nbval book student experiments chapters cifar10-grid gpu-check data clean
 
 setup: $(STAMP)
 
@@ -43,8 +47,9 @@ lint: setup
 pytest: setup data
 	$(BIN)/python -m pytest -q
 
+# One pytest --nbval per chapter, then a table of each chapter's seconds and result and one summary line.
 nbval: setup data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval $(NOTEBOOKS) --nbval-sanitize-with book/sanitize.cfg
+	$(BIN)/python .ci/nbval_times.py $(NOTEBOOKS)
 
 test: lint pytest nbval
 
@@ -56,6 +61,23 @@ student: setup
 
 experiments: setup data
 	@shopt -s nullglob; for f in experiments/*.yaml; do $(BIN)/python -m robustdl.experiments $$f || exit 1; done
+
+# Chapters by named parameter sets (experiments/chapters/*.yaml; robustdl.runner), e.g.
+# `make chapters SET=smoke ONLY=introduction`; tables in experiments/runs/SET-chapters/.
+SET ?= smoke
+chapters: setup data
+	$(BIN)/python -m robustdl.experiments chapters --set $(SET) --output experiments/runs/$(SET)-chapters $(ONLY_ARGS)
+
+# Every chapter on CIFAR-10 with the bundled CIFAR-10 models, on the CPU (small subsets); its table,
+# experiments/runs/cifar10-chapters/results.md, is committed.
+cifar10-grid: setup data
+	$(BIN)/python -m robustdl.experiments chapters --set cifar10 --device cpu --output experiments/runs/cifar10-chapters $(ONLY_ARGS)
+
+# On a CUDA machine (about 10 minutes on one GPU): pytest -m gpu, then every chapter with its defaults
+# and its cifar10 set, four at a time, on the GPU; writes experiments/runs/gpu-check/report.md.
+# Without CUDA it stops at once with a message.
+gpu-check: setup data
+	$(BIN)/python -m robustdl.experiments gpu-check --output experiments/runs/gpu-check $(ONLY_ARGS)
 
 clean:
 	rm -rf _build student .ci-data

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -347,3 +349,52 @@ def test_committed_results_missing_everywhere_says_what_to_run(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="run the sweep"):
         committed_results("experiments/runs/none", base=(tmp_path / "nowhere").as_uri())
+
+
+def test_repository_url_is_pyprojects_read_from_the_installed_metadata() -> None:
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (declared,) = re.findall(r'^Repository = "([^"]+)"$', pyproject, flags=re.MULTILINE)
+    assert experiments.repository_url() == declared.rstrip("/")
+    owner_name = declared.removeprefix("https://github.com/").rstrip("/")
+    assert experiments.raw_url() == f"https://raw.githubusercontent.com/{owner_name}/main"
+    assert experiments.raw_url("dev").endswith(f"/{owner_name}/dev")
+
+
+class FakeMetadata:
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+
+    def get_all(self, key: str) -> list[str]:
+        return self.urls if key == "Project-URL" else []
+
+
+def test_repository_url_without_metadata_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "metadata", missing)
+    with pytest.raises(RuntimeError, match="pip install"):
+        experiments.repository_url()
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda name: FakeMetadata(["Homepage, https://x.org"]))
+    with pytest.raises(RuntimeError, match=r"no Repository URL \(it has \['Homepage'\]\)"):
+        experiments.repository_url()
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda name: FakeMetadata(["Repository, https://x.org/a/b/"]))
+    assert experiments.repository_url() == "https://x.org/a/b"
+    with pytest.raises(RuntimeError, match="not on GitHub"):
+        experiments.raw_url()
+
+
+def test_committed_results_read_from_the_raw_repository_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    asked: list[str] = []
+
+    def offline(url: str, timeout: float) -> None:
+        asked.append(url)
+        raise OSError("offline")
+
+    monkeypatch.setattr(experiments.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="offline"):
+        committed_results("experiments/runs/grid")
+    assert asked == [f"{experiments.raw_url()}/experiments/runs/grid/results.json"]

@@ -34,6 +34,15 @@ results, into ``output/results.csv`` and ``output/results.json``.
 Run it from the command line (papermill is an extra: ``pip install robustdl[experiments]``)::
 
     python -m robustdl.experiments experiments/NAME.yaml [--dry-run] [--kernel python3] [--no-progress]
+
+The same command runs the book's chapters with named parameter sets (``experiments/chapters/``) on
+a chosen device, and the GPU check (:mod:`robustdl.runner`)::
+
+    python -m robustdl.experiments chapters --set cifar10 --output experiments/runs/cifar10-chapters
+    python -m robustdl.experiments gpu-check --output experiments/runs/gpu-check
+
+The repository's address is pyproject.toml's ``[project.urls] Repository``, read from the installed
+package's metadata by :func:`repository_url`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -67,13 +77,14 @@ __all__ = [
     "load_grid",
     "point_id",
     "points",
+    "raw_url",
+    "repository_url",
     "run_grid",
     "save_results",
 ]
 
-#: Where a chapter opened on Colab, with only the library installed, reads committed results tables
-#: (the repository of _config.yml, branch main).
-RAW_REPOSITORY = "https://raw.githubusercontent.com/robustdl/robustdl/main"
+#: The branch whose committed files (results tables) chapters read; _config.yml's repository.branch.
+BRANCH = "main"
 
 #: The parameter through which a sweep tells the notebook where to write its results.
 RESULTS_PARAMETER = "results_path"
@@ -278,18 +289,45 @@ def collect(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def committed_results(output: str, base: str = RAW_REPOSITORY) -> list[dict[str, Any]]:
+def repository_url() -> str:
+    """The project's repository, ``https://github.com/OWNER/NAME``: pyproject.toml's
+    ``[project.urls] Repository``, read from the installed package's metadata.
+
+    It is set there only; the book's launch buttons (_config.yml) and every chapter's Colab
+    install cell use the same address, which tests/test_book.py checks.
+    """
+    try:
+        entries = importlib.metadata.metadata("robustdl").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise RuntimeError("robustdl is not installed, so its metadata has no repository: pip install -e .") from error
+    urls = dict(entry.split(", ", 1) for entry in entries if ", " in entry)
+    if "Repository" not in urls:
+        raise RuntimeError(f"the installed robustdl's metadata names no Repository URL (it has {sorted(urls)}); "
+                           "reinstall it from a pyproject.toml with [project.urls] Repository")
+    return urls["Repository"].rstrip("/")
+
+
+def raw_url(branch: str = BRANCH) -> str:
+    """Where the repository's committed files are served raw: ``https://raw.githubusercontent.com/OWNER/NAME/BRANCH``."""
+    prefix = "https://github.com/"
+    url = repository_url()
+    if not url.startswith(prefix):
+        raise RuntimeError(f"raw_url: the repository {url!r} is not on GitHub (no raw.githubusercontent.com files)")
+    return f"https://raw.githubusercontent.com/{url.removeprefix(prefix)}/{branch}"
+
+
+def committed_results(output: str, base: str | None = None) -> list[dict[str, Any]]:
     """The results table a sweep committed, ``output/results.json`` (``output`` as in its YAML).
 
     A chapter runs in its own folder, so the table is looked for under the working directory and
     each of its parents; where none has it (a chapter opened on Colab, with only the library
-    installed) it is read from the repository at ``base``.
+    installed) it is read from the repository at ``base`` (default: :func:`raw_url`).
     """
     for folder in [Path.cwd(), *Path.cwd().parents]:
         path = folder / output / TABLE_JSON
         if path.exists():
             return json.loads(path.read_text())
-    url = f"{base}/{output}/{TABLE_JSON}"
+    url = f"{base or raw_url()}/{output}/{TABLE_JSON}"
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
@@ -363,7 +401,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: run (or list, with ``--dry-run``) the sweep in a YAML file."""
+    """Command line: run (or list, with ``--dry-run``) the sweep in a YAML file; or, with a first
+    argument ``chapters`` or ``gpu-check``, the chapter runner of :mod:`robustdl.runner`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("chapters", "gpu-check"):
+        from robustdl import runner  # it imports this module
+
+        return (runner.main_chapters if argv[0] == "chapters" else runner.main_gpu_check)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m robustdl.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("grid", help="the sweep's YAML file")
     parser.add_argument("--dry-run", action="store_true", help="list the points (done or to run) and stop")
