@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from robustdl._random import integers, uniform
+
 __all__ = [
     "CLASS_NAMES",
     "DATASETS",
@@ -103,7 +105,10 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(batch[b"labels"], dtype=np.int64)
 
 
-def _cifar_images(train: bool, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_images(
+    train: bool, root: Path, download: bool, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images and labels; with ``limit``, only the batches that hold its first ``limit`` images."""
     folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
 
@@ -119,7 +124,11 @@ def _cifar_images(train: bool, root: Path, download: bool) -> tuple[torch.Tensor
             datasets.CIFAR10(str(root), train=train, download=True)
         except (RuntimeError, OSError) as err:
             raise _unavailable("cifar10", root, type(err).__name__) from err
-    parts = [_read_cifar_batch(find(n)) for n in names]  # type: ignore[arg-type]
+    parts = []
+    for n in names:  # each training batch holds 10000 images, and an xz batch takes seconds to read
+        parts.append(_read_cifar_batch(find(n)))  # type: ignore[arg-type]
+        if limit is not None and sum(len(p[1]) for p in parts) >= limit:
+            break
     images = np.concatenate([p[0] for p in parts])
     return torch.from_numpy(images), torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
@@ -136,12 +145,13 @@ def _digits_images(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tensors(name: str, split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_tensors(name: str, split: str, root: Path, download: bool,
+                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     train = split == "train"
     if name == "digits":
         return _digits_images(train)
     if name == "cifar10":
-        images, labels = _cifar_images(train, root, download)
+        images, labels = _cifar_images(train, root, download, limit)
     else:
         images, labels = _torchvision_images(name, train, root, download)
     return images.float().div(255), labels.long()
@@ -172,7 +182,7 @@ def load_dataset(
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
         raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
-    images, labels = _load_tensors(name, split, data_root(root).resolve(), download)
+    images, labels = _load_tensors(name, split, data_root(root).resolve(), download, subset)
     return TensorDataset(images[:subset], labels[:subset])
 
 
@@ -199,7 +209,8 @@ def loader(
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """The standard CIFAR-10 augmentation of a batch: a random crop of the zero-padded image, and a
     horizontal flip with probability 1/2, drawn per image (He et al. 2016; used by Madry et al. and
-    Wong et al.). Pass it to :func:`~robustdl.train.fit` as ``transform``.
+    Wong et al.). Pass it to :func:`~robustdl.train.fit` as ``transform``. ``generator`` may lie on
+    any device: a seeded CPU generator draws the same crops for ``x`` on the CPU or a GPU.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
@@ -207,8 +218,8 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generat
         raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
-    dy, dx = (torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist() for _ in range(2))
-    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    dy, dx = (integers(0, 2 * padding + 1, (n,), x.device, generator).tolist() for _ in range(2))
+    flips = (uniform((n,), x, generator, dtype=torch.float32) < 0.5).tolist()
     crops = [padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]
     return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from robustdl._checks import check_positive_int
+from robustdl._random import normal
 from robustdl.train.loop import evaluate
 
 __all__ = [
@@ -133,7 +134,7 @@ def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, 
     if input_shape is None:
         raise ValueError("input_shape (C, H, W) is needed for the operator norm of a Conv2d layer")
     apply = layer_map(layer, w)
-    v = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=w.dtype).to(w.device)
+    v = normal((1, *input_shape), w, torch.Generator().manual_seed(0))
     return power_iteration(apply, v, check_positive_int(iters, "iters"))[0].item()
 
 
@@ -173,7 +174,7 @@ def _perturbed_error(model: nn.Module, data: Data, sigma: float, samples: int, g
     try:
         for _ in range(samples):
             for p, p0 in zip(params, originals, strict=True):
-                noise = torch.randn(p0.shape, generator=generator, dtype=p0.dtype).to(p0.device)
+                noise = normal(p0.shape, p0, generator)
                 p.copy_(p0 + sigma * noise)
             errors.append(_error(model, data))
     finally:
@@ -276,10 +277,12 @@ def robust_generalisation_error(model: nn.Module, train: Data, test: Data, attac
                                 batch_size: int = 500) -> float:
     r"""RGE of the tutorial: the generalisation error between the adversarial examples ``attack``
     finds for the test set and for the training set, :cite:`schmidt2018adversarially`."""
+    device = next(model.parameters()).device
+
     def adversarial(data: Data) -> Data:
         x, y = data
-        return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size])
-                          for i in range(0, len(x), batch_size)]), y
+        return torch.cat([attack(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+                          for i in range(0, len(x), batch_size)]), y.to(device)
     return generalisation_error(model, adversarial(train), adversarial(test), batch_size)
 
 
@@ -292,7 +295,7 @@ class KendallTau(NamedTuple):
 
 
 def kendall_tau(a: object, b: object) -> KendallTau:
-    r"""Kendall's :math:`\tau` between two rankings (sequences, arrays or pandas columns), as the
+    r"""Kendall's :math:`\tau` between two rankings (sequences, arrays, tensors on any device or pandas columns), as the
     tutorial's Table 2 ranks measures against the generalisation error: over the pairs
     :math:`i < j`, :math:`C` pairs ordered alike by ``a`` and ``b``, :math:`D` ordered oppositely, and
 
@@ -301,7 +304,8 @@ def kendall_tau(a: object, b: object) -> KendallTau:
     with :math:`n_0` the number of pairs and :math:`t_a, t_b` the pairs tied in ``a`` or ``b``
     (:math:`\tau_b`, which is :math:`(C - D)/(C + D)` without ties, the table's value).
     """
-    x, y = (torch.from_numpy(np.array(v, dtype=np.float64)).flatten() for v in (a, b))
+    x, y = (torch.from_numpy(np.array(v.detach().cpu().numpy() if isinstance(v, Tensor) else v, dtype=np.float64))
+            .flatten() for v in (a, b))
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"a and b need the same length, at least 2, got {len(x)} and {len(y)}")
     i, j = torch.triu_indices(len(x), len(x), offset=1)

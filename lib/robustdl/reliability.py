@@ -48,6 +48,7 @@ from scipy.stats import norm as normal
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_labels, check_nonnegative, check_positive_int
+from robustdl._random import uniform
 from robustdl.attacks import pgd
 from robustdl.attacks._core import check_model, eval_mode
 from robustdl.threat import parse_norm
@@ -128,31 +129,39 @@ class Cells:
 
     @property
     def centres(self) -> Tensor:
-        """The cells' centres (M, d)."""
-        return self.origin + (self.keys + 0.5) * 2 * self.radius
+        """The cells' centres (M, d), on the device and of the dtype of ``origin``."""
+        return self.origin + (self.keys.to(self.origin) + 0.5) * 2 * self.radius
 
     def key_of(self, z: Tensor) -> Tensor:
         """The grid coordinates (N, d) of the cell holding each point of ``z``."""
         return torch.floor((z - self.origin) / (2 * self.radius)).long()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` uniform points of each cell, shape (M, n, d)."""
-        u = torch.rand(len(self), n, self.keys.shape[1], generator=generator, dtype=self.origin.dtype)
-        return self.centres[:, None, :] + (2 * u.to(self.origin.device) - 1) * self.radius
+        """``n`` uniform points of each cell, shape (M, n, d), on ``origin``'s device (any ``generator``)."""
+        u = uniform((len(self), n, self.keys.shape[1]), self.origin, generator)
+        return self.centres[:, None, :] + (2 * u - 1) * self.radius
 
     def subset(self, index: Tensor) -> Cells:
         """The cells selected by ``index`` (e.g. the top-k by operational profile)."""
-        return Cells(self.keys[index], self.origin, self.radius)
+        return Cells(self.keys[index.to(self.keys.device)], self.origin, self.radius)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cells:
+        """The same cells with their keys on ``device`` and their origin on ``device`` and of ``dtype``."""
+        return Cells(self.keys.to(device), self.origin.to(device=device, dtype=dtype), self.radius)
 
 
-def grid_cells(low: float, high: float, per_dim: int, dim: int = 2, dtype: torch.dtype = torch.float32) -> Cells:
-    """The ``per_dim ** dim`` cells tiling the box ``[low, high]^dim``, radius ``(high - low) / (2 per_dim)``."""
+def grid_cells(low: float, high: float, per_dim: int, dim: int = 2, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Cells:
+    """The ``per_dim ** dim`` cells tiling the box ``[low, high]^dim``, radius ``(high - low) / (2 per_dim)``.
+
+    Their origin has ``dtype``; keys and origin lie on ``device`` (default the CPU).
+    """
     per_dim = check_positive_int(per_dim, "per_dim")
     if not high > low:
         raise ValueError(f"high must exceed low, got low={low}, high={high}")
-    axes = [torch.arange(per_dim)] * dim
+    axes = [torch.arange(per_dim, device=device)] * dim
     keys = torch.cartesian_prod(*axes).reshape(-1, dim)
-    return Cells(keys, torch.full((dim,), float(low), dtype=dtype), (high - low) / (2 * per_dim))
+    return Cells(keys, torch.full((dim,), float(low), dtype=dtype, device=device), (high - low) / (2 * per_dim))
 
 
 def occupied_cells(z: Tensor, radius: float, origin: Tensor | None = None) -> Cells:
@@ -277,11 +286,12 @@ def cell_unastuteness(model: nn.Module, cells: Cells, labels: Tensor, samples: i
         raise ValueError(f"labels must have one entry per cell, shape ({len(cells)},), got {tuple(labels.shape)}")
     points = cells.sample(samples, generator)
     pred = _predict(model, points.flatten(0, 1), decoder, batch_size).view(len(cells), samples)
-    truth = torch.where(labels == EMPTY, pred.mode(1).values, labels.to(pred.device))
+    labels = labels.to(pred.device)
+    truth = torch.where(labels == EMPTY, pred.mode(1).values, labels)
     fail = (pred != truth[:, None]).to(cells.origin.dtype)
     lam = fail.mean(1)
     var = fail.var(1) / samples if samples > 1 else torch.zeros_like(lam)
-    cross = (labels == CROSS).to(lam.device)
+    cross = labels == CROSS
     return torch.where(cross, 1.0, lam), torch.where(cross, 0.0, var)
 
 
@@ -305,13 +315,14 @@ def cell_robust(model: nn.Module, cells: Cells, labels: Tensor, method: str = "a
         raise ValueError(f"labels must have one entry per cell, shape ({len(cells)},), got {tuple(labels.shape)}")
     centres = cells.centres
     pred = _predict(model, centres, None, 4096)
-    truth = torch.where(labels < 0, pred, labels.to(pred.device))  # EMPTY; CROSS cells are masked below
+    labels = labels.to(pred.device)
+    truth = torch.where(labels < 0, pred, labels)  # EMPTY; CROSS cells are masked below
     if method == "verify":
         robust = certified(model, centres, truth, cells.radius)
     else:
         x_adv = pgd(model, centres, truth, eps=cells.radius, steps=steps, restarts=1)
         robust = (pred == truth) & (_predict(model, x_adv, None, 4096) == truth)
-    return robust & (labels != CROSS).to(robust.device)
+    return robust & (labels != CROSS)
 
 
 @dataclass(frozen=True)

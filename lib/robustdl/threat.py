@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from robustdl._checks import check_fraction, check_images, check_nonnegative
+from robustdl._random import integers, normal, uniform
 
 __all__ = ["LpBall", "parse_norm", "per_example"]
 
@@ -165,20 +166,21 @@ class LpBall:
         * :math:`p = 1`: :math:`(e_1, \dots, e_d) / \sum_{i=1}^{d+1} e_i` for i.i.d.
           :math:`e_i \sim \mathrm{Exp}(1)`, with random signs (uniform in the cross-polytope).
 
-        Clipping moves every coordinate towards ``x``, so the point stays in the ball.
+        Clipping moves every coordinate towards ``x``, so the point stays in the ball. The numbers
+        are drawn on ``generator``'s device, then moved to ``x``'s (:mod:`robustdl._random`): a
+        seeded CPU generator gives the same point for ``x`` on the CPU or a GPU, float32 or float64.
         """
         check_images(x)
         n, d = x.shape[0], x[0].numel()
-        kw = {"generator": generator, "device": x.device, "dtype": x.dtype}
         if self.p == math.inf:
-            delta = (2 * torch.rand(x.shape, **kw) - 1) * self.eps
+            delta = (2 * uniform(x.shape, x, generator) - 1) * self.eps
         elif self.p == 2:
-            direction = torch.randn(x.shape, **kw)
-            radius = self.eps * torch.rand(n, **kw) ** (1.0 / d)
+            direction = normal(x.shape, x, generator)
+            radius = self.eps * uniform((n,), x, generator) ** (1.0 / d)
             delta = direction * per_example(radius / self.norm(direction).clamp_min(1e-12), x)
         else:
-            e = -torch.log1p(-torch.rand(n, d + 1, **kw))  # i.i.d. Exp(1)
-            signs = torch.randint(0, 2, (n, d), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+            e = -torch.log1p(-uniform((n, d + 1), x, generator))  # i.i.d. Exp(1)
+            signs = integers(0, 2, (n, d), x.device, generator).to(x.dtype) * 2 - 1
             delta = (self.eps * signs * e[:, :d] / e.sum(dim=1, keepdim=True)).view_as(x)
         return (x + delta).clamp(0, 1)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_labels, check_nonnegative, check_positive_int
+from robustdl._random import integers, uniform
 from robustdl.attacks._core import eval_mode, margin
 from robustdl.threat import LpBall
 
@@ -177,7 +178,7 @@ def _gap(log_scores: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
 
 def _random_coordinates(n: int, d: int, b: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
     """``b`` distinct coordinates out of ``d``, drawn uniformly for each of ``n`` examples, shape (n, b)."""
-    return torch.rand(n, d, generator=generator, device=like.device).argsort(dim=1)[:, :b]
+    return uniform((n, d), like, generator, dtype=torch.float32).argsort(dim=1)[:, :b]
 
 
 def _symmetric_probes(x_adv: Tensor, coords: Tensor, h: float) -> Tensor:
@@ -271,7 +272,8 @@ def zoo_adam(
         target: target labels for a targeted attack, shape (N,).
         abort_early: stop each example at its first successful iterate (saves queries); otherwise
             run all ``steps`` and keep the successful iterate of smallest distortion.
-        generator: the random generator choosing coordinates (on ``x``'s device).
+        generator: the random generator choosing coordinates (on any device: a CPU generator
+            chooses the same coordinates for ``x`` on the CPU or a GPU).
 
     Returns:
         New images, detached, in [0, 1]: per example the successful iterate of smallest L2
@@ -342,7 +344,7 @@ def _square_side(p: float, height: int, width: int, smallest: int = 1) -> int:
 
 def _random_signs(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
     """Independent uniform signs in {-1, +1} of ``like``'s dtype and device."""
-    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+    return integers(0, 2, shape, like.device, generator).to(like.dtype) * 2 - 1
 
 
 def _random_square(n: int, height: int, width: int, s: int, generator: torch.Generator | None,
@@ -353,7 +355,7 @@ def _random_square(n: int, height: int, width: int, s: int, generator: torch.Gen
     square's corner: a pixel lies in the square where both are in [0, s).
     """
     def relative(size: int) -> Tensor:
-        start = torch.randint(0, size - s + 1, (n, 1), generator=generator, device=like.device)
+        start = integers(0, size - s + 1, (n, 1), like.device, generator)
         return torch.arange(size, device=like.device) - start
     return relative(height), relative(width)
 
@@ -478,7 +480,7 @@ def _l2_update(x_best: Tensor, x: Tensor, ball: LpBall, s: int, generator: torch
     w1 = _mask(rows, cols, s)
     union = w1 | _mask(*_random_square(n, height, width, s, generator, x), s)
     pattern = _l2_pattern(s, x)
-    patterns = torch.where(torch.rand(n, 1, 1, generator=generator, device=x.device) < 0.5, pattern, pattern.T)
+    patterns = torch.where(uniform((n, 1, 1), x, generator, dtype=torch.float32) < 0.5, pattern, pattern.T)
     eta = patterns[torch.arange(n, device=x.device)[:, None, None], rows.clamp(0, s - 1)[:, :, None],
                    cols.clamp(0, s - 1)[:, None, :]][:, None] * w1
     unused = (ball.eps**2 - ball.norm(nu) ** 2).clamp_min(0)[:, None, None, None]
@@ -533,7 +535,7 @@ def square(
         queries: the most queries per example, the clean one included.
         p_init: the initial fraction :math:`p \in (0, 1]` of pixels a square covers (0.8 in the paper).
         target: target labels for a targeted attack, shape (N,).
-        generator: the random generator (on ``x``'s device).
+        generator: the random generator (on any device, see :mod:`robustdl._random`).
 
     Returns:
         New adversarial images, detached, in the ball and in [0, 1]: per example the point of

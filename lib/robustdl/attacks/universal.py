@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_images, check_nonnegative, check_positive_int
 from robustdl._progress import progress_bar
+from robustdl._random import permutation
 from robustdl.attacks._core import check_inputs, check_model, eval_mode, logits_of
 from robustdl.attacks.spatial import flow_loss, flow_warp
 from robustdl.threat import LpBall, per_example
@@ -208,7 +209,7 @@ def uap(
     with eval_mode(model):
         clean = _predict(model, images)
         for _ in progress_bar(range(max_passes), progress, desc="UAP passes"):
-            order = torch.randperm(len(images), generator=generator).tolist()
+            order = permutation(len(images), images.device, generator).tolist()
             for i in order:
                 x_v = (images[i : i + 1] + v).clamp(0, 1)
                 if _predict(model, x_v) == clean[i]:
@@ -295,7 +296,7 @@ def guap(
     with eval_mode(model):
         clean = _predict(model, images)
         for _ in progress_bar(range(epochs), progress, desc="GUAP epochs"):
-            for batch in torch.randperm(len(images), generator=generator).split(batch_size):
+            for batch in permutation(len(images), images.device, generator).split(batch_size):
                 with torch.enable_grad():
                     x_adv = GeneralizedPerturbation(flow, delta).apply(images[batch])
                     ce = F.cross_entropy(model(x_adv), clean[batch], reduction="none")

@@ -136,11 +136,15 @@ class FreeAT:
         self.delta: Tensor | None = None
 
     def _start(self, x: Tensor) -> Tensor:
-        """The carried perturbation for this batch (zeros where there is none yet)."""
+        """The carried perturbation for this batch (zeros where there is none yet).
+
+        A carried perturbation (e.g. loaded from a CPU checkpoint) moves to ``x``'s device and dtype.
+        """
         fresh = torch.zeros_like(x)
         if self.delta is not None and self.delta.shape[1:] == x.shape[1:]:
+            self.delta = self.delta.to(x)
             n = min(len(x), len(self.delta))
-            fresh[:n] = self.delta[:n].to(x)
+            fresh[:n] = self.delta[:n]
         return fresh
 
     def _ascend(self, x: Tensor, delta: Tensor, grad: Tensor) -> None:

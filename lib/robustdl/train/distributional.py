@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_images, check_labels, check_nonnegative, check_positive_int
+from robustdl._random import normal
 from robustdl.attacks._core import check_inputs, check_model, cross_entropy, eval_mode
 from robustdl.attacks.gradient import pgd
 from robustdl.threat import LpBall
@@ -180,7 +181,7 @@ def virtual_adversarial_direction(
     xi = _check_positive(xi, "xi", "the finite difference needs a nonzero probe")
     iterations = check_positive_int(iterations, "iterations")
     index = torch.arange(len(x), device=x.device)
-    d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    d = normal(x.shape, x, generator)
     with eval_mode(model):
         with torch.no_grad():
             divergence = _kl_from(F.softmax(model(x), dim=1))

@@ -65,7 +65,17 @@ def seed_everything(seed: int) -> None:
 
 
 def device() -> torch.device:
-    """The best available device: CUDA, then Apple's MPS, then the CPU."""
+    """The best available device: CUDA, then Apple's MPS, then the CPU.
+
+    ``$ROBUSTDL_DEVICE`` (e.g. ``cpu``, ``cuda``, ``cuda:1``), when set, chooses instead; the chapter
+    runner (:mod:`robustdl.runner`) sets it for the chapters it executes.
+    """
+    chosen = os.environ.get("ROBUSTDL_DEVICE", "").strip()
+    if chosen:
+        try:
+            return torch.device(chosen)
+        except RuntimeError as error:
+            raise ValueError(f"$ROBUSTDL_DEVICE must name a torch device (cpu, cuda, ...), got {chosen!r}") from error
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -78,8 +88,12 @@ def standard_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
+def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch on the model's device, floating inputs cast to its parameters' dtype (a float64
+    model takes a float32 loader's batches; a CUDA model a CPU loader's)."""
+    param = next(iter(model.parameters()), torch.empty(0))
+    dtype = param.dtype if x.is_floating_point() and param.is_floating_point() else x.dtype
+    return x.to(param.device, dtype), y.to(param.device)
 
 
 def run_epoch(
@@ -104,11 +118,10 @@ def run_epoch(
     if optimizer is None:
         raise ValueError("optimizer must be given to train; use evaluate() to measure a model")
     replays = check_positive_int(replays, "replays")
-    dev = _model_device(model)
     model.train()
     total, count = torch.zeros((), dtype=torch.float64), 0
     for x, y in progress_bar(loader, progress if is_main_process() else False, desc=desc):
-        x, y = x.to(dev), y.to(dev)
+        x, y = _to_model(model, x, y)
         if transform is not None:
             x = transform(x)
         for _ in range(replays):
@@ -157,6 +170,7 @@ def _training_state(
         "epoch": epoch,
         "history": history,
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "loader_rng": None if generator is None else generator.get_state(),
         **{name: part.state_dict() for name, part in _stateful(parts).items()},
     }
@@ -168,6 +182,9 @@ def _restore(state: dict[str, Any], parts: dict[str, Any], loader: DataLoader) -
             raise ValueError(f"checkpoint has no state for {name!r}; it was written by a different run")
         part.load_state_dict(state[name])
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng")  # random starts on a GPU draw from its generator
+    if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     generator = _loader_generator(loader)
     if generator is not None and state["loader_rng"] is not None:
         generator.set_state(state["loader_rng"])
@@ -246,13 +263,14 @@ def evaluate(
 
     ``attack(model, x, y) -> x_adv`` is applied to each batch first, e.g.
     ``functools.partial(fgsm, eps=0.1)``. The model is evaluated in eval mode and its mode is
-    restored afterwards. Under torchrun the counts are summed over the ranks.
+    restored afterwards. Each batch moves to the model's device (and floating inputs to its
+    dtype) first, so a CUDA model takes a CPU loader. Under torchrun the counts are summed over
+    the ranks.
     """
-    dev = _model_device(model)
     correct, loss, count = 0, 0.0, 0
     with eval_mode(model):
         for x, y in progress_bar(loader, progress if is_main_process() else False, desc="evaluate"):
-            x, y = x.to(dev), y.to(dev)
+            x, y = _to_model(model, x, y)
             if attack is not None:
                 x = attack(model, x, y)
             with torch.no_grad():

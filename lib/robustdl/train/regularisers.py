@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from robustdl._checks import check_nonnegative, check_positive_int
+from robustdl._random import normal
 from robustdl.measures import layer_input_shapes, layer_map, power_iteration, weight_correlation, weighted_layers
 from robustdl.train.loop import Objective
 
@@ -49,8 +50,8 @@ class SpectralNorm(nn.Module):
         self.coeff, self.iters = check_nonnegative(coeff, "coeff"), check_positive_int(iters, "iters")
         self._map = lambda w: layer_map(layer, w)
         weight = layer.weight.detach()
-        start = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=weight.dtype)
-        self.register_buffer("v", start.to(weight.device) / start.norm())
+        start = normal((1, *input_shape), weight, torch.Generator().manual_seed(0))
+        self.register_buffer("v", start / start.norm())
 
     def forward(self, weight: Tensor) -> Tensor:
         apply = self._map(weight)

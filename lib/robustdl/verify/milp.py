@@ -116,19 +116,21 @@ def exact_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float, time_limit:
     r"""The exact :math:`\min_{x' \in B(x)} f_y(x') - f_j(x')` for every :math:`j \ne y`, Tjeng et al. (2019).
 
     One example, ``x`` of shape (1, ...) and ``y`` (1,); :math:`B(x)` is the Linf ball of radius
-    ``eps`` within [0, 1]. The network's affine chains are read off as dense matrices, so this is
-    for small networks. ``classes`` restricts the solves to those :math:`j` (default: all).
-    Raises ``RuntimeError`` if HiGHS does not prove optimality (e.g. within ``time_limit``
-    seconds per margin).
+    ``eps`` within [0, 1]. The network's affine chains are read off as dense matrices, on the CPU
+    in float64 (a copy: the model stays where it is), so this is for small networks. The margins
+    come back in float64, the inputs in ``x``'s dtype, both on ``x``'s device. ``classes``
+    restricts the solves to those :math:`j` (default: all). Raises ``RuntimeError`` if HiGHS
+    does not prove optimality (e.g. within ``time_limit`` seconds per margin).
     """
     check_labels(y, check_images(x))
     if len(x) != 1:
         raise ValueError(f"x must hold one example, shape (1, ...), got shape {tuple(x.shape)}")
     eps = check_nonnegative(eps, "eps")
-    net = copy.deepcopy(nn.Sequential(*layers(model))).double()  # float64, leaving the model as it is
-    box_lower, box_upper = (t.double().flatten().numpy() for t in input_box(x, eps))
+    net = copy.deepcopy(nn.Sequential(*layers(model))).to("cpu", torch.float64)  # leaving the model as it is
+    x64 = x.detach().to("cpu", torch.float64)
+    box_lower, box_upper = (t.flatten().numpy() for t in input_box(x64, eps))
     with torch.no_grad():
-        relu_bounds = preactivation_bounds(net, x.double(), eps)
+        relu_bounds = preactivation_bounds(net, x64, eps)
     blocks = _blocks(list(net))
 
     program, prev, shape = _Program(box_lower, box_upper), np.arange(len(box_lower)), tuple(x.shape[1:])
@@ -139,7 +141,8 @@ def exact_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float, time_limit:
     W, b = _affine_map(blocks[-1], shape)
 
     label = int(y)
-    classes = torch.tensor([j for j in (range(len(b)) if classes is None else classes) if j != label])
+    classes = torch.tensor([j for j in (range(len(b)) if classes is None else classes) if j != label],
+                           dtype=torch.long, device=x.device)
     solve, margins, inputs = program.solver(time_limit), [], []
     for j in classes.tolist():
         c = np.zeros(len(program.lower))
@@ -150,7 +153,8 @@ def exact_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float, time_limit:
         margins.append(result.fun + b[label] - b[j])
         inputs.append(result.x[: len(box_lower)])
     inputs_t = torch.tensor(np.clip(np.stack(inputs), box_lower, box_upper)).view(len(classes), *x.shape[1:])
-    return MarginResult(torch.tensor(margins), inputs_t.to(x.dtype), classes, "optimal")
+    margins_t = torch.tensor(margins, dtype=torch.float64, device=x.device)
+    return MarginResult(margins_t, inputs_t.to(device=x.device, dtype=x.dtype), classes, "optimal")
 
 
 def exact_min_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float, time_limit: float | None = None) -> float:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_nonnegative, check_positive_int
+from robustdl._random import integers, uniform
 from robustdl.attacks._core import check_inputs, eval_mode, logits_of, margin
 from robustdl.threat import per_example
 
@@ -82,7 +83,7 @@ def _box(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 def _uniform(lo: Tensor, hi: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` points uniform on the box [lo, hi] (shape (1, ...)): not :meth:`LpBall.random`, which clips."""
-    u = torch.rand((n, *lo.shape[1:]), generator=generator, dtype=lo.dtype, device=lo.device)
+    u = uniform((n, *lo.shape[1:]), lo, generator)
     return lo + (hi - lo) * u
 
 
@@ -134,10 +135,10 @@ def _mh_step(
     """
     w = per_example(width, z)
     low, high = torch.maximum(z - w, lo), torch.minimum(z + w, hi)
-    proposal = low + (high - low) * torch.rand(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    proposal = low + (high - low) * uniform(z.shape, z, generator)
     s_new = violation(model, proposal, y)
     log_accept = _log_window(z, width, lo, hi) - _log_window(proposal, width, lo, hi)
-    u = torch.rand(len(z), generator=generator, dtype=z.dtype, device=z.device)
+    u = uniform((len(z),), z, generator)
     accept = (u.log() <= log_accept) & (s_new >= level)
     return torch.where(per_example(accept, z), proposal, z), torch.where(accept, s_new, s), accept
 
@@ -200,7 +201,7 @@ def multilevel_splitting(
                 return SplittingResult(-math.inf, tuple(levels), evaluations)
             survivors = alive.nonzero().squeeze(1)
             pick = torch.where(alive, torch.arange(n, device=x.device),
-                               survivors[torch.randint(len(survivors), (n,), generator=generator, device=x.device)])
+                               survivors[integers(0, len(survivors), (n,), x.device, generator)])
             z, s, width = z[pick], s[pick], width[pick]
             for _ in range(steps):
                 z, s, accept = _mh_step(model, z, s, labels, level, width, lo, hi, generator)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustdl._checks import check_labels, check_nonnegative, check_positive_int
+from robustdl._random import integers
 from robustdl.threat import LpBall
 from robustdl.verify.coverage import ActivationProfile, Coverage, activations, boundary_coverage, neuron_coverage
 
@@ -138,7 +139,7 @@ def generate_tests(
         if not len(targets):
             break
         seeds = torch.arange(min(len(x), budget - tried), device=x.device)
-        choice = torch.randint(len(targets), (len(seeds),), generator=generator).to(targets.device)
+        choice = integers(0, len(targets), (len(seeds),), targets.device, generator)
         mutants = _climb(model, x[seeds], y[seeds], targets[choice], ball, steps, step_size, weight)
         tried += len(seeds)
         wrong = (activations(model, mutants).logits.argmax(1) != y[seeds]) & seed_correct[seeds]
