@@ -20,15 +20,10 @@ from art.attacks.evasion import SquareAttack
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-from robustdl import zoo
+from robustdl import accuracy, zoo
 from robustdl.attacks import apgd, cw_l2, pgd, square
 from robustdl.data import load_dataset
 from robustdl.evaluation import autoattack_like
-
-
-def accuracy(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return (model(x_adv).argmax(dim=1) == y).float().mean().item()
 
 
 def seeded() -> torch.Generator:

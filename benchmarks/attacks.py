@@ -1,6 +1,6 @@
 """Time robustdl's attacks against torchattacks on one model and one batch.
 
-    ROBUSTDL_DATA=data ROBUSTDL_PROGRESS=0 python benchmarks/attacks.py [--n 256] [--eps 0.1]
+    ROBUSTDL_DATA=data ROBUSTDL_PROGRESS=0 python benchmarks/attacks.py [--n 256] [--eps 0.1] [--only PGD]
 
 Both libraries attack the bundled ``mnist_smallcnn`` on the same MNIST test images, with equal
 settings, on CUDA when available (else the CPU). Each attack is timed ``--repeats`` times, the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
-from robustdl import zoo
+from robustdl import accuracy, zoo
 from robustdl.attacks import apgd, cw_l2, fgsm, pgd
 from robustdl.data import load_dataset
 from robustdl.train import device
@@ -92,23 +92,19 @@ def median_seconds(calls: dict[str, Callable[[], object]], repeats: int, dev: to
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def accuracy(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return (model(x_adv).argmax(dim=1) == y).float().mean().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=256, help="batch size (MNIST test images)")
     parser.add_argument("--eps", type=float, default=0.1, help="Linf radius")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--only", default="", help="time only the attacks whose name starts with this (e.g. PGD)")
     args = parser.parse_args()
     dev = device()
     random.seed(0)
     torch.manual_seed(0)
     model = zoo.load("mnist_smallcnn").to(dev)
     x, y = (t.to(dev) for t in load_dataset("mnist", "test", subset=args.n).tensors)
-    table = rows(model, x, y, args.eps)
+    table = [row for row in rows(model, x, y, args.eps) if row.name.startswith(args.only)]
     calls: dict[str, Callable[[], object]] = {"reference-40": reference(model, x, y, 40)}
     for row in table:
         calls |= {f"{row.name}/ours": row.ours, f"{row.name}/torchattacks": row.theirs}

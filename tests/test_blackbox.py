@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -14,25 +13,9 @@ from torch import nn
 
 from robustdl import zoo
 from robustdl.attacks import QueryBudgetError, QueryOracle, square, zoo_adam
-from robustdl.attacks.blackbox import (
-    _adam_step,
-    _coordinate_gradient,
-    _l2_update,
-    _linf_update,
-    _pyramid,
-    _symmetric_probes,
-    square_fraction,
-)
-from robustdl.data import data_root, load_dataset
+from robustdl.attacks.square_attack import _l2_update, _linf_update, _pyramid, square_fraction
+from robustdl.attacks.zoo_attack import _adam_step, _coordinate_gradient, _symmetric_probes
 from robustdl.threat import LpBall
-
-needs_mnist = pytest.mark.skipif(
-    not (data_root() / "MNIST/raw/t10k-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
-    reason="no offline MNIST")
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def tiny_cnn() -> nn.Module:
@@ -51,7 +34,7 @@ def confident_model() -> nn.Module:
 
 
 @pytest.fixture
-def cnn_data():
+def cnn_data(seeded):
     model = tiny_cnn()
     x = torch.rand(6, 3, 8, 8, generator=seeded(1))
     with torch.no_grad():
@@ -62,12 +45,6 @@ def cnn_data():
 def fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x_adv).argmax(dim=1) != y
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    x, y = load_dataset("mnist", "test", subset=30).tensors
-    return zoo.load("mnist_mlp"), x, y
 
 
 def art_classifier(model: nn.Module, batch_size: int = 128):
@@ -173,7 +150,7 @@ def test_score_attacks_refuse_a_labels_oracle_and_non_models(cnn_data, attack):
 
 
 # ------------------------------------------------------------------------------------------------
-# Contract shared by both attacks
+# Reproducibility and shapes shared by both attacks (the contract: tests/test_attack_contract.py)
 # ------------------------------------------------------------------------------------------------
 
 ATTACKS = {
@@ -184,18 +161,11 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_attack_contract(cnn_data, name):
-    """Shape, dtype, box (and ball), inputs untouched, mode restored, no gradients, reproducible."""
+def test_attacks_are_reproducible_and_take_a_batch_of_one(seeded, cnn_data, name):
+    """Shape and dtype, the same result for the same seed, another for another, a batch of one."""
     model, x, y = cnn_data
-    x_copy, y_copy = x.clone(), y.clone()
-    model.train()
     x_adv = ATTACKS[name](model, x, y, seeded())
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    if name.startswith("square"):
-        assert (LpBall("l2", 0.5) if name == "square_l2" else LpBall("linf", 0.1)).contains(x_adv, x).all()
-    assert torch.equal(x, x_copy) and torch.equal(y, y_copy)
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert torch.equal(x_adv, ATTACKS[name](model, x, y, seeded()))
     assert not torch.equal(x_adv, ATTACKS[name](model, x, y, seeded(1)))
     one = ATTACKS[name](model, x[:1], y[:1].int(), seeded())  # a batch of one, int32 labels
@@ -203,7 +173,7 @@ def test_attack_contract(cnn_data, name):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_misclassified_examples_are_returned_unchanged(cnn_data, name):
+def test_misclassified_examples_are_returned_unchanged(seeded, cnn_data, name):
     model, x, y = cnn_data
     wrong = (y + 1) % 5
     oracle = QueryOracle(model)
@@ -212,7 +182,7 @@ def test_misclassified_examples_are_returned_unchanged(cnn_data, name):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_attacks_stop_at_the_oracles_budget(name):
+def test_attacks_stop_at_the_oracles_budget(seeded, name):
     """An oracle with a smaller budget than the attack's own: the attack stops, never overspends."""
     x = torch.rand(3, 3, 8, 8, generator=seeded(2))
     oracle = QueryOracle(confident_model(), budget=70)
@@ -260,7 +230,7 @@ def test_square_schedule_halves_p_at_the_papers_iterations():
     assert square_fraction(999, 1000, 0.5) == 0.5 / 512
 
 
-def test_square_starts_from_vertical_stripes_and_spends_exactly_its_queries():
+def test_square_starts_from_vertical_stripes_and_spends_exactly_its_queries(seeded):
     """On an unfoolable model: the init is +-eps constant down each column, and every query is spent."""
     x = 0.2 + 0.6 * torch.rand(4, 3, 8, 8, generator=seeded(3))  # the box is not active at eps 0.1
     oracle = QueryOracle(confident_model())
@@ -273,14 +243,14 @@ def test_square_starts_from_vertical_stripes_and_spends_exactly_its_queries():
     assert (oracle.queries == 57).all()
 
 
-def test_square_with_eps_zero_is_the_identity(cnn_data):
+def test_square_with_eps_zero_is_the_identity(seeded, cnn_data):
     model, x, y = cnn_data
     assert torch.equal(square(model, x, y, 0.0, queries=20, generator=seeded()), x)
 
 
 @settings(max_examples=40, deadline=None)
 @given(eps=st.floats(0.0, 0.5), side=st.integers(1, 5), channels=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_square_update_stays_in_the_ball_and_changes_one_square(eps, side, channels, seed):
+def test_square_update_stays_in_the_ball_and_changes_one_square(seeded, eps, side, channels, seed):
     """The proposal lies in the ball and the box, and differs from x_best inside one side x side window only."""
     g = seeded(seed)
     x = torch.rand(3, channels, 6, 6, generator=g)
@@ -305,7 +275,7 @@ def test_pyramid_of_side_three():
 
 @settings(max_examples=40, deadline=None)
 @given(eps=st.floats(0.01, 2.0), side=st.integers(3, 5), channels=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_square_l2_update_keeps_the_norm_at_eps(eps, side, channels, seed):
+def test_square_l2_update_keeps_the_norm_at_eps(seeded, eps, side, channels, seed):
     """Away from the box the L2 proposal has norm exactly eps; in general it lies in the ball and the box."""
     g = seeded(seed)
     ball = LpBall("l2", eps)
@@ -319,10 +289,10 @@ def test_square_l2_update_keeps_the_norm_at_eps(eps, side, channels, seed):
     assert ball.contains(_l2_update(x_best, x, ball, side, g), x).all()
 
 
-@needs_mnist
-def test_square_fools_the_mnist_mlp(mnist):
+@pytest.mark.mnist
+def test_square_fools_the_mnist_mlp(seeded, mnist):
     """Measured with these settings: 29/30 fooled at eps 0.2 (median 18 queries per success)."""
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     oracle = QueryOracle(model)
     x_adv = square(oracle, x, y, 0.2, queries=200, generator=seeded())
     ok = fooled(model, x_adv, y)
@@ -331,10 +301,10 @@ def test_square_fools_the_mnist_mlp(mnist):
     assert oracle.queries[ok].float().median() <= 60
 
 
-@needs_mnist
-def test_targeted_square_reaches_the_target(mnist):
+@pytest.mark.mnist
+def test_targeted_square_reaches_the_target(seeded, mnist):
     """Measured with these settings: 10/10 digits reach the label y + 1."""
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     x, y = x[:10], y[:10]
     target = (y + 1) % 10
     x_adv = square(model, x, y, 0.3, queries=300, target=target, generator=seeded())
@@ -343,8 +313,8 @@ def test_targeted_square_reaches_the_target(mnist):
     assert reached.float().mean() >= 0.8
 
 
-@needs_mnist
-def test_square_is_no_weaker_than_arts(mnist):
+@pytest.mark.mnist
+def test_square_is_no_weaker_than_arts(seeded, mnist):
     """ART's SquareAttack (Linf) at the same eps and number of iterations, on the same 30 digits.
 
     ART draws one window and one sign vector for the whole batch at each iteration, accepts the
@@ -359,7 +329,7 @@ def test_square_is_no_weaker_than_arts(mnist):
     pytest.importorskip("art")
     from art.attacks.evasion import SquareAttack
 
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     ours = square(model, x, y, 0.15, queries=100, generator=seeded())
     np.random.seed(0)
     attack = SquareAttack(art_classifier(model), norm=np.inf, eps=0.15, max_iter=98, p_init=0.8, nb_restarts=1,
@@ -370,8 +340,8 @@ def test_square_is_no_weaker_than_arts(mnist):
     assert ours_rate >= theirs_rate - 0.1
 
 
-@needs_mnist
-def test_square_l2_is_no_weaker_than_arts(mnist):
+@pytest.mark.mnist
+def test_square_l2_is_no_weaker_than_arts(seeded, mnist):
     """ART's SquareAttack (L2) at eps 2 and 98 iterations on the same 30 digits.
 
     ART shares each iteration's windows across the batch, like its L-infinity version.
@@ -381,7 +351,7 @@ def test_square_l2_is_no_weaker_than_arts(mnist):
     pytest.importorskip("art")
     from art.attacks.evasion import SquareAttack
 
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     ours = square(model, x, y, 2.0, norm="l2", queries=100, generator=seeded())
     np.random.seed(0)
     attack = SquareAttack(art_classifier(model), norm=2, eps=2.0, max_iter=98, p_init=0.8, nb_restarts=1,
@@ -422,7 +392,7 @@ def test_coordinate_adam_matches_torch_adam_on_each_coordinate():
     assert w[0, 0] == 0 and state[2].tolist() == [[0.0, 5.0]]
 
 
-def test_zoo_spends_two_b_plus_one_queries_per_iteration(cnn_data):
+def test_zoo_spends_two_b_plus_one_queries_per_iteration(seeded, cnn_data):
     model, x, y = cnn_data
     oracle = QueryOracle(model)
     zoo_adam(oracle, x, y, steps=3, batch_coordinates=10, abort_early=False, generator=seeded())
@@ -432,10 +402,10 @@ def test_zoo_spends_two_b_plus_one_queries_per_iteration(cnn_data):
     assert points.queries.tolist() == [2 * 7]
 
 
-@needs_mnist
-def test_zoo_fools_the_mnist_mlp_with_small_l2(mnist):
+@pytest.mark.mnist
+def test_zoo_fools_the_mnist_mlp_with_small_l2(seeded, mnist):
     """Measured with these settings on the first 10 digits: 10/10 fooled, median L2 1.52, 771-2056 queries."""
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     x, y = x[:10], y[:10]
     oracle = QueryOracle(model)
     x_adv = zoo_adam(oracle, x, y, steps=60, lr=0.1, generator=seeded())
@@ -444,10 +414,10 @@ def test_zoo_fools_the_mnist_mlp_with_small_l2(mnist):
     assert (oracle.queries <= 60 * 257).all()
 
 
-@needs_mnist
-def test_zoo_confidence_and_target(mnist):
+@pytest.mark.mnist
+def test_zoo_confidence_and_target(seeded, mnist):
     """A target is reached with the requested margin kappa on the log-probabilities."""
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     x, y = x[:4], y[:4]
     target = (y + 1) % 10
     x_adv = zoo_adam(model, x, y, kappa=1.0, steps=80, lr=0.1, target=target, generator=seeded())
@@ -457,8 +427,8 @@ def test_zoo_confidence_and_target(mnist):
     assert (log_p.gather(1, target[:, None]).squeeze(1) - others > 1.0).all()
 
 
-@needs_mnist
-def test_zoo_is_no_weaker_than_arts(mnist):
+@pytest.mark.mnist
+def test_zoo_is_no_weaker_than_arts(seeded, mnist):
     """ART's ZooAttack with the same constant, rate, h, 128 coordinates and iterations (2B + 1 queries each).
 
     ART clips its perturbation to [0, 1] instead of the image (so it can only brighten pixels)
@@ -470,7 +440,7 @@ def test_zoo_is_no_weaker_than_arts(mnist):
     pytest.importorskip("art")
     from art.attacks.evasion import ZooAttack
 
-    model, x, y = mnist
+    model, (x, y) = zoo.load("mnist_mlp"), mnist(30)
     x, y = x[:4], y[:4]
     ours = zoo_adam(model, x, y, c=1.0, steps=15, lr=0.1, abort_early=False, generator=seeded())
     np.random.seed(0)

@@ -165,6 +165,57 @@ def test_chapter_imports_only_core_dependencies(path):
     )
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_library_names(source: str) -> set[str]:
+    """Private names (``_x``, not dunders) of robustdl that a cell imports, or reads as attributes of its modules."""
+    tree = ast.parse(strip_magics(source))
+    found, bound = set(), set()  # bound: the names that refer to robustdl or something imported from it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "robustdl":
+            found |= {node.module for part in node.module.split(".") if _private(part)}
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if _private(alias.name)}
+            bound |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "robustdl":
+                    found |= {alias.name for part in alias.name.split(".") if _private(part)}
+                    bound.add(alias.asname or "robustdl")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in bound:
+                found.add(f"{root.id}...{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapters_use_no_private_name_of_the_library(path):
+    """What a chapter teaches is public: documented, in an ``__all__``, and kept stable for readers."""
+    used = sorted({(name, index) for index, cell in enumerate(code_cells(path))
+                   for name in private_library_names(cell.source)})
+    assert not used, (
+        f"{path.relative_to(ROOT)} uses private names of robustdl {[n for n, _ in used]} (code cells "
+        f"{[i for _, i in used]}): make the name public (a docstring citing its paper, an __all__ entry) or use "
+        "a public function"
+    )
+
+
+def test_private_name_check_finds_imports_and_attributes():
+    source = (
+        "import robustdl.verify as V\nfrom robustdl.verify.deepgo import _search_1d, minimise\n"
+        "from robustdl import _random\nfrom robustdl.verify import milp\nimport numpy as np\n"
+        "milp._Program.relu_layer\nV.deepgo._Level\nminimise.__doc__\nnp._NoValue\n"
+    )
+    assert private_library_names(source) == {
+        "robustdl.verify.deepgo._search_1d", "robustdl._random", "milp..._Program", "V..._Level"}
+    assert not private_library_names("from robustdl.verify.milp import Program\nshow_source(Program.relu_layer)")
+
+
 def test_import_check_finds_nested_imports_and_reads_install_cells():
     source = (
         "import sys, os.path\nfrom torch import nn\nfrom . import local\n"

@@ -15,23 +15,16 @@ from robustdl.data import gaussian_clusters
 from robustdl.models import build_model
 from robustdl.threat import LpBall
 from robustdl.train import evaluate, fit, load_checkpoint, seed_everything
-from robustdl.train.distributional import (
-    VAT,
-    LatentDistributionAT,
+from robustdl.train.atld import LatentDistributionAT, latent_discriminator, latent_features
+from robustdl.train.feature_scattering import (
     _feature_matching_distance,
     _smoothed_cross_entropy,
     feature_scattering_attack,
     feature_scattering_loss,
-    latent_discriminator,
-    latent_features,
-    lds,
     sinkhorn,
-    vat_attack,
-    vat_loss,
-    virtual_adversarial_direction,
-    wrm_attack,
-    wrm_loss,
 )
+from robustdl.train.vat import VAT, lds, vat_attack, vat_loss, virtual_adversarial_direction
+from robustdl.train.wrm import wrm_attack, wrm_loss
 
 
 def clusters_loader(seed: int = 0, shuffle: bool = True, n: int = 400) -> DataLoader:

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustdl import _random
+from robustdl import _random, accuracy, predict
+from robustdl.ascent import ascent_step, inward, projected_ascent
 from robustdl.attacks import (
     GeneralizedPerturbation,
     QueryBudgetError,
@@ -45,7 +46,6 @@ from robustdl.attacks import (
     cw_l2,
     cw_linf,
     deepfool,
-    dlr_loss,
     fgsm,
     flow_loss,
     flow_warp,
@@ -61,22 +61,25 @@ from robustdl.attacks import (
 )
 from robustdl.data import random_crop_flip
 from robustdl.evaluation import autoattack_like, robust_accuracy, robustness_curve, worst_case
+from robustdl.layers import (
+    layer_input_shapes,
+    layer_map,
+    operator_norm,
+    power_iteration,
+    weight_correlation,
+    weight_matrices,
+    weighted_layers,
+)
+from robustdl.losses import cross_entropy, dlr_loss, goal_loss, goal_margin, goal_reached, kl_divergence, margin
 from robustdl.measures import (
     average_weight_correlation,
     complexity_measures,
     correlation_term,
     generalisation_error,
     kendall_tau,
-    layer_input_shapes,
-    layer_map,
-    operator_norm,
     pac_bayes,
     pac_bayes_sigma,
-    power_iteration,
     robust_generalisation_error,
-    weight_correlation,
-    weight_matrices,
-    weighted_layers,
 )
 from robustdl.models import MLP, ConvSmall
 from robustdl.plot import adversarial_triple, image_grid, to_image
@@ -94,19 +97,9 @@ from robustdl.reliability import (
 from robustdl.threat import LpBall
 from robustdl.train import OBJECTIVES, evaluate, fit, make_objective, run_epoch, standard_loss
 from robustdl.train.adversarial import YOPO, CatastrophicOverfittingGuard
+from robustdl.train.atld import LatentDistributionAT, latent_discriminator, latent_features
 from robustdl.train.certified import worst_case_logits
-from robustdl.train.distributional import (
-    VAT,
-    LatentDistributionAT,
-    feature_scattering_attack,
-    latent_discriminator,
-    latent_features,
-    lds,
-    sinkhorn,
-    vat_attack,
-    virtual_adversarial_direction,
-    wrm_attack,
-)
+from robustdl.train.feature_scattering import feature_scattering_attack, sinkhorn
 from robustdl.train.regularisers import (
     attach_parseval,
     lipschitz_penalty,
@@ -116,6 +109,8 @@ from robustdl.train.regularisers import (
     weight_correlation_penalty,
 )
 from robustdl.train.scr import class_mean_shift, feature_shift, shift_consistency
+from robustdl.train.vat import VAT, lds, vat_attack, virtual_adversarial_direction
+from robustdl.train.wrm import wrm_attack
 from robustdl.verify import (
     activation_profile,
     boundary_coverage,
@@ -138,11 +133,13 @@ from robustdl.verify import (
     reachability,
     safety,
     sign_sign_coverage,
+    threat_model,
 )
 from robustdl.verify.bounds import input_box
+from robustdl.verify.clever import clever_one
 from robustdl.verify.coverage import activations
 from robustdl.verify.deepgo import logit_of, probability_of
-from robustdl.verify.splitting import violation
+from robustdl.verify.splitting import mh_step, violation
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -294,6 +291,29 @@ def run_family(table: dict[str, Case], name: str, env: Env) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Foundations: predictions and the vocabulary of an attack's goal
+# ------------------------------------------------------------------------------------------------
+
+
+FOUNDATIONS: dict[str, Case] = {
+    "predict[cpu-data]": Case(lambda e: predict(e.model, e.x.cpu().float()),
+                              placed(lambda e, p: torch.equal(p, e.y), torch.long)),
+    "predict[batches]": Case(lambda e: predict(e.model, e.x, batch_size=3),
+                             placed(lambda e, p: p.shape == e.y.shape, torch.long)),
+    "accuracy[cpu-data]": Case(lambda e: accuracy(e.model, e.x.cpu().float(), e.y.cpu()), holds(lambda e, a: a == 1.0)),
+    "cross_entropy": Case(lambda e: cross_entropy(_logits(e), e.y), per_example()),
+    "goal_loss[targeted]": Case(lambda e: goal_loss(_logits(e), e.y, e.target), per_example()),
+    "dlr_loss": Case(lambda e: dlr_loss(e.model(e.x), e.y), per_example()),
+    "margin": Case(lambda e: margin(_logits(e), e.y), per_example()),
+    "goal_margin[targeted]": Case(lambda e: goal_margin(_logits(e), e.y, e.target), per_example()),
+    "goal_reached[targeted]": Case(lambda e: goal_reached(_logits(e), e.y, e.target),
+                                   placed(lambda e, r: r.shape == e.y.shape, torch.bool)),
+    "kl_divergence": Case(lambda e: kl_divergence(_logits(e).roll(1, 0).softmax(dim=1), _logits(e)),
+                          per_example()),
+}
+
+
+# ------------------------------------------------------------------------------------------------
 # Threat models, attacks, evaluation
 # ------------------------------------------------------------------------------------------------
 
@@ -365,7 +385,12 @@ ATTACKS: dict[str, Case] = {
                                         generator=e.gen()), adversarial(_ball("l2", 0.5))),
     "apgd[targeted-dlr]": Case(lambda e: apgd(e.model, e.x, e.y, eps=EPS, steps=5, loss="dlr", target=e.target,
                                               generator=e.gen()), adversarial(_ball("linf"))),
-    "dlr_loss": Case(lambda e: dlr_loss(e.model(e.x), e.y), per_example()),
+    "projected_ascent": Case(lambda e: projected_ascent(lambda x, rows: (e.model(x)[:, 0], None), e.x, _ball("l2", 0.5),
+                                                        [0.2, 0.1], start=_ball("l2", 0.5).random(e.x, e.gen())),
+                             adversarial(_ball("l2", 0.5)), covers=("inward",)),
+    "ascent_step": Case(lambda e: ascent_step(e.x, e.x, torch.randn(e.x.shape, generator=e.gen()).to(e.x),
+                                              _ball("linf"), EPS), adversarial(_ball("linf"))),
+    "inward": Case(lambda e: inward(torch.ones_like(e.x), e.x.clamp(0.2, 1)), adversarial()),
     "cw_l2": Case(lambda e: cw_l2(e.model, e.x, e.y, steps=5, lr=0.1, binary_search_steps=2), adversarial()),
     "cw_l2[targeted]": Case(lambda e: cw_l2(e.model, e.x, e.y, target=e.target, steps=5, lr=0.1, binary_search_steps=2),
                             adversarial()),
@@ -652,6 +677,20 @@ def _check_tests(env: Env, report: object) -> None:
     assert report.labels.device == env.x.device and report.coverage_after.covered >= report.coverage_before.covered
 
 
+def _mh_step(env: Env) -> tuple[Tensor, Tensor, Tensor]:
+    """One Metropolis-Hastings move of the twelve points, each in the 0.2-box around itself, above the level -inf."""
+    lo, hi = (env.points - 0.2).clamp(0, 1), (env.points + 0.2).clamp(0, 1)
+    s = violation(env.mlp, env.points, env.labels)
+    width = torch.full_like(s, 0.05)
+    return mh_step(env.mlp, env.points, s, env.labels, -math.inf, width, lo, hi, env.gen())
+
+
+def _check_mh_step(env: Env, out: object) -> None:
+    z, s, accepted = out
+    assert same_place(z, env).shape == env.points.shape and ((z - env.points).abs() <= 0.2 + 1e-9).all()
+    assert torch.allclose(same_place(s, env), violation(env.mlp, z, env.labels))
+    assert same_place(accepted, env, torch.bool).shape == (len(env.points),)
+
 VERIFY: dict[str, Case] = {
     "input_box": Case(lambda e: input_box(e.x, EPS), _bounds_hold(lambda e: e.x)),
     "interval_bounds": Case(lambda e: interval_bounds(e.model, e.x, EPS), _bounds_hold(_logits)),
@@ -659,7 +698,8 @@ VERIFY: dict[str, Case] = {
                                   covers=("margin_spec",)),
     "crown_bounds": Case(lambda e: crown_bounds(e.model, e.x, EPS), _bounds_hold(_logits),
                          covers=("BoundOp", "BoundLinear", "BoundConv2d", "BoundReLU", "BoundFlatten", "BoundNormalize",
-                                 "layers", "operators")),
+                                 "layers", "operators", "Patches", "inner")),
+    "threat_model": Case(lambda e: threat_model(EPS).box(e.x), _bounds_hold(lambda e: e.x)),
     "crown_bounds[ibp-spec]": Case(lambda e: crown_bounds(e.model, e.x, EPS, spec=_spec(e), intermediate="ibp"),
                                    _bounds_hold(_margins)),
     "margin_spec": Case(_spec, _check_spec),
@@ -680,6 +720,9 @@ VERIFY: dict[str, Case] = {
     "safety": Case(lambda e: safety(e.model, e.x[:1], [0, 7], 0.05, tol=0.1, max_evals=4), _check_safety,
                    covers=("SafetyResult", "oplus")),
     "violation": Case(lambda e: violation(e.model, e.x, e.y), per_example()),
+    "clever_one": Case(lambda e: clever_one(e.model, e.x[:1], int(e.y[0]), [int(e.target[0])], _ball("l2", 0.5), 2, 8,
+                                            e.gen()), holds(lambda e, score: 0 <= score <= 0.5)),
+    "mh_step": Case(_mh_step, _check_mh_step),
     "naive_monte_carlo": Case(lambda e: naive_monte_carlo(e.mlp, e.points[:1], e.labels[:1], 0.3, samples=64,
                                                           batch_size=32, generator=e.gen()),
                               holds(lambda e, r: 0 <= r.hits <= r.samples == 64),
@@ -849,8 +892,14 @@ PLOTS: dict[str, Case] = {
     "image_grid": Case(_figures, _check_figures, covers=("adversarial_triple",)),
 }
 
-FAMILIES = {"threat": THREAT, "attacks": ATTACKS, "evaluation": EVALUATION, "training": TRAINING, "verify": VERIFY,
+FAMILIES = {"foundations": FOUNDATIONS, "threat": THREAT, "attacks": ATTACKS,
+            "evaluation": EVALUATION, "training": TRAINING, "verify": VERIFY,
             "measures": MEASURES, "reliability": RELIABILITY, "plots": PLOTS}
+
+
+@pytest.mark.parametrize("name", FOUNDATIONS)
+def test_foundations(env: Env, name: str) -> None:
+    run_family(FOUNDATIONS, name, env)
 
 
 @pytest.mark.parametrize("name", THREAT)
@@ -899,11 +948,15 @@ def test_plots(env: Env, name: str) -> None:
 
 #: The modules whose ``__all__`` the table must cover.
 MODULES = [
-    "robustdl", "robustdl.threat", "robustdl.attacks", "robustdl.attacks.gradient", "robustdl.attacks.blackbox",
-    "robustdl.attacks.optimisation", "robustdl.attacks.spatial", "robustdl.attacks.universal", "robustdl.evaluation",
-    "robustdl.train", "robustdl.train.adversarial", "robustdl.train.distributional", "robustdl.train.regularisers",
+    "robustdl", "robustdl.losses", "robustdl.layers", "robustdl.threat", "robustdl.attacks",
+    "robustdl.ascent", "robustdl.attacks.gradient", "robustdl.attacks.apgd", "robustdl.attacks.oracle",
+    "robustdl.attacks.zoo_attack", "robustdl.attacks.square_attack", "robustdl.attacks.lbfgs", "robustdl.attacks.cw",
+    "robustdl.attacks.spatial", "robustdl.attacks.universal", "robustdl.evaluation",
+    "robustdl.train", "robustdl.train.adversarial", "robustdl.train.wrm", "robustdl.train.vat",
+    "robustdl.train.feature_scattering", "robustdl.train.atld", "robustdl.train.regularisers",
     "robustdl.train.certified", "robustdl.train.scr", "robustdl.verify", "robustdl.verify.bounds",
-    "robustdl.verify.milp", "robustdl.verify.clever", "robustdl.verify.deepgo", "robustdl.verify.splitting",
+    "robustdl.verify.operators", "robustdl.verify.patches", "robustdl.verify.milp", "robustdl.verify.clever",
+    "robustdl.verify.deepgo", "robustdl.verify.splitting",
     "robustdl.verify.coverage", "robustdl.verify.testgen", "robustdl.measures", "robustdl.reliability",
     "robustdl.data", "robustdl.plot",
 ]
@@ -915,8 +968,14 @@ NO_TENSORS = {
     "parse_norm": "parses a norm's name",
     "apgd_checkpoints": "integer arithmetic",
     "square_fraction": "float arithmetic",
+    "sawtooth_minima": "NumPy arithmetic (DeepGO's saw-tooth)",
+    "search_1d": "a NumPy search of one variable",
+    "Level": "the NumPy record of search_1d",
+    "Program": "builds a SciPy program from NumPy arrays",
     "OBJECTIVES": "the dict of objectives; each has a make_objective case",
     "Attack": "a type alias",
+    "Loss": "a type alias",
+    "AscentObjective": "a type alias",
     "Callback": "a type alias",
     "Objective": "a type alias",
     "Penalty": "a type alias",

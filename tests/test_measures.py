@@ -13,19 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from robustdl.layers import layer_input_shapes, operator_norm, weight_correlation, weight_matrices
 from robustdl.measures import (
     average_weight_correlation,
     complexity_measures,
     correlation_term,
     generalisation_error,
     kendall_tau,
-    layer_input_shapes,
-    operator_norm,
     pac_bayes,
     pac_bayes_sigma,
     robust_generalisation_error,
-    weight_correlation,
-    weight_matrices,
 )
 
 

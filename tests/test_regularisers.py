@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustdl.measures import layer_input_shapes, operator_norm, weight_correlation
+from robustdl.layers import layer_input_shapes, operator_norm, weight_correlation
 from robustdl.models import build_model
 from robustdl.train import fit, standard_loss
 from robustdl.train.regularisers import (

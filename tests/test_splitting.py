@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from robustdl.verify.bounds import crown_margin
-from robustdl.verify.splitting import _mh_step, multilevel_splitting, naive_monte_carlo
+from robustdl.verify.splitting import mh_step, multilevel_splitting, naive_monte_carlo
 
 D = 10
 #: The log-estimate's standard deviation is about sqrt(k (1 - rho) / (rho N)), 0.2-0.4 for the
@@ -40,19 +40,15 @@ def irwin_hall_tail(n: int, t: Fraction) -> float:
 X, Y, EPS = torch.full((1, D), 0.5, dtype=torch.float64), torch.tensor([0]), 0.5
 
 
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.mark.parametrize("threshold", [Fraction(9), Fraction(39, 4)])
-def test_estimates_a_known_rare_probability(threshold):
+def test_estimates_a_known_rare_probability(seeded, threshold):
     exact = math.log(irwin_hall_tail(D, threshold))  # 1/10! = 2.8e-7, and 0.25^10/10! = 2.6e-13
     found = multilevel_splitting(sum_model(float(threshold)), X, Y, EPS, generator=seeded())
     assert abs(found.log_prob - exact) <= LOG_TOLERANCE
     assert found.levels[-1] == 0 and all(a < b for a, b in itertools.pairwise(found.levels))
 
 
-def test_agrees_with_naive_monte_carlo_where_it_sees_the_event():
+def test_agrees_with_naive_monte_carlo_where_it_sees_the_event(seeded):
     threshold = Fraction(7)  # P = 1.4e-2
     model, exact = sum_model(float(threshold)), math.log(irwin_hall_tail(D, threshold))
     mc = naive_monte_carlo(model, X, Y, EPS, samples=200_000, generator=seeded())
@@ -61,7 +57,7 @@ def test_agrees_with_naive_monte_carlo_where_it_sees_the_event():
     assert abs(amls.log_prob - mc.log_prob) <= 0.5
 
 
-def test_finite_where_monte_carlo_sees_nothing_and_minus_infinity_where_certified():
+def test_finite_where_monte_carlo_sees_nothing_and_minus_infinity_where_certified(seeded):
     rare, robust = sum_model(9.75), sum_model(10.5)  # P = 2.6e-13; sum(x') <= 10 < 10.5: P = 0
     assert naive_monte_carlo(rare, X, Y, EPS, samples=100_000, generator=seeded()).log_prob == -math.inf
     estimate = multilevel_splitting(rare, X, Y, EPS, generator=seeded()).log_prob
@@ -72,7 +68,7 @@ def test_finite_where_monte_carlo_sees_nothing_and_minus_infinity_where_certifie
     assert all(level < 0 for level in certified.levels)
 
 
-def test_metropolis_hastings_keeps_the_uniform_law_on_the_box():
+def test_metropolis_hastings_keeps_the_uniform_law_on_the_box(seeded):
     """With no level the target is uniform on the box: the window's Hastings correction keeps it there."""
     n, x = 20_000, torch.full((1, 1), 0.1, dtype=torch.float64)
     lo, hi = torch.zeros_like(x), torch.full_like(x, 0.6)
@@ -81,7 +77,7 @@ def test_metropolis_hastings_keeps_the_uniform_law_on_the_box():
     s, width, g = torch.zeros(n, dtype=torch.float64), torch.full((n,), 0.25, dtype=torch.float64), seeded(1)
     with torch.no_grad():
         for _ in range(20):
-            z, s, _ = _mh_step(model, z, s, Y.expand(n), -math.inf, width, lo, hi, g)
+            z, s, _ = mh_step(model, z, s, Y.expand(n), -math.inf, width, lo, hi, g)
     assert scipy.stats.kstest(z.squeeze(1).numpy(), "uniform", args=(0.0, 0.6)).pvalue > 0.01
 
 

@@ -167,3 +167,35 @@ def test_project_perturbation_ignores_the_box(seed, eps, norm):
         assert torch.allclose(projected, v.clamp(-eps, eps))
     if norm == "l2":
         assert torch.allclose(projected, v * (eps / ball.norm(v)).clamp(max=1).view(-1, 1, 1, 1), atol=1e-9)
+
+
+@given(problems(), st.integers(1, 3))
+def test_concretise_is_a_sound_lower_bound_attained_without_the_box(problem, k):
+    r"""min over the set of <A_k, x'>: below A_k . x' at points of the set (inside, on the sphere, at
+    Hölder's minimiser clipped), and equal to <A_k, x> - eps ||A_k||_q when the box does not bind."""
+    ball, x, _ = problem
+    g = torch.Generator().manual_seed(k)
+    A = torch.randn(len(x), k, *x.shape[1:], generator=g, dtype=torch.float64)
+    bound = ball.concretise(A, x)
+    assert bound.shape == (len(x), k)
+    minimiser = x.unsqueeze(1) - ball.step(A.flatten(0, 1), ball.eps).view_as(A)  # Hölder's, per row
+    sphere = x + ball.step(torch.randn(x.shape, generator=g, dtype=torch.float64), ball.eps)
+    for point in (ball.random(x, generator=g), sphere.clamp(0, 1)):
+        assert (bound <= (A * point.unsqueeze(1)).flatten(2).sum(-1) + 1e-9).all()
+    assert (bound <= (A * minimiser.clamp(0, 1)).flatten(2).sum(-1) + 1e-9).all()
+    lower, upper = ball.box(x)
+    if ((minimiser >= lower.unsqueeze(1)) & (minimiser <= upper.unsqueeze(1))).all():  # the box does not bind
+        assert torch.allclose(bound, (A * minimiser).flatten(2).sum(-1), atol=1e-9)
+    assert torch.allclose(ball.concretise(A[:1], x), ball.concretise(A[:1].expand_as(A), x), atol=1e-12)
+
+
+def test_concretise_keeps_the_box_where_it_is_tighter():
+    """At a corner of [0, 1] the box halves the L2 ball's reach; for Linf the box is the set."""
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    A = torch.ones(1, 1, 4, dtype=torch.float64)
+    assert LpBall("l2", 0.5).concretise(A, x).item() == 0.0  # Hölder alone: -0.5 * 2 = -1
+    assert LpBall("l2", 0.5).concretise(-A, x).item() == pytest.approx(-1.0)  # Hölder: -eps ||A||_2
+    assert LpBall("linf", 0.5).concretise(-A, x).item() == pytest.approx(-2.0)
+    assert LpBall("l1", 0.5).concretise(-A, x).item() == pytest.approx(-0.5)
+    assert LpBall("l2", 0.5).dual_exponent == 2 and LpBall("l1", 1).dual_exponent == math.inf
+    assert torch.allclose(LpBall("l2", 0.3).box(torch.tensor([[0.1, 0.9]]))[0], torch.tensor([[0.0, 0.6]]))

@@ -7,23 +7,21 @@ import os
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
-from robustdl import zoo
+from robustdl import accuracy, zoo
 from robustdl.attacks import fgsm, pgd
 from robustdl.data import data_root, load_dataset
 from robustdl.train import evaluate
 from robustdl.verify import certified_accuracy, ibp_margin
 
-needs_mnist = pytest.mark.skipif(
-    not (data_root() / "MNIST/raw/t10k-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
-    reason="no offline MNIST")
 needs_cifar = pytest.mark.skipif(
     not (data_root() / "cifar-10-batches-py").exists() and not os.environ.get("CI"), reason="no offline CIFAR-10")
 
 
 @pytest.fixture(scope="module")
-def mnist_test():
-    return load_dataset("mnist", "test")
+def mnist_test(mnist):
+    return TensorDataset(*mnist())
 
 
 def test_bundled_models_and_their_size():
@@ -40,7 +38,7 @@ def test_card_matches_the_weights(name):
     assert {"recipe", "wall_time_s", "test_accuracy", "data"} <= set(card)
 
 
-@needs_mnist
+@pytest.mark.mnist
 @pytest.mark.parametrize(("name", "minimum"), [("mnist_smallcnn", 0.99), ("mnist_lenet", 0.985), ("mnist_mlp", 0.98)])
 def test_card_accuracy_is_reproduced_on_the_whole_test_split(name, minimum, mnist_test):
     model = zoo.load(name)
@@ -70,20 +68,19 @@ def test_pgd_training_meets_madrys_mark():
     assert card["test_accuracy"] >= 0.98 and card["robust_accuracy_apgd_ensemble"] >= 0.89
 
 
-@needs_mnist
+@pytest.mark.mnist
 @pytest.mark.parametrize("name", [n for n in ROBUST if n in zoo.available()])
 def test_robust_cards_are_reproduced_on_a_sample(name, mnist_test):
     """PGD-40 on the first 300 test images agrees with the card's whole-test-set number (binomial error)."""
     model = zoo.load(name)
     x, y = (t[:300] for t in mnist_test.tensors)
     x_adv = pgd(model, x, y, eps=0.3, steps=40, step_size=0.01, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        accuracy = (model(x_adv).argmax(1) == y).float().mean().item()
     card = zoo.card(name)
-    assert accuracy == pytest.approx(card["robust_accuracy_pgd40"], abs=0.06)  # > 3 standard errors at 300
+    robust = accuracy(model, x_adv, y)
+    assert robust == pytest.approx(card["robust_accuracy_pgd40"], abs=0.06)  # > 3 standard errors at 300
 
 
-@needs_mnist
+@pytest.mark.mnist
 @pytest.mark.skipif("mnist_ibp" not in zoo.available(), reason="mnist_ibp is not bundled")
 def test_ibp_card_is_certified_and_its_certificate_reproduced(mnist_test):
     """IBP training certifies at 0.3 (Gowal et al. 2018); on the card's 1000 images no certified accuracy
@@ -127,7 +124,7 @@ def test_train_recipe_writes_weights_and_card(tmp_path, monkeypatch):
     assert again["weights_sha256"] == card["weights_sha256"]  # reproducible from its seed
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_fgsm_drives_the_standard_model_down(mnist_test):
     model = zoo.load("mnist_smallcnn")
     x, y = mnist_test.tensors[0][:500], mnist_test.tensors[1][:500]
@@ -139,7 +136,7 @@ def test_fgsm_drives_the_standard_model_down(mnist_test):
     assert attacked[0] < clean and attacked[1] < 0.5 and attacked[2] < 0.15  # measured: 0.83, 0.29, 0.07
 
 
-@needs_mnist
+@pytest.mark.mnist
 @pytest.mark.parametrize("name", ["mnist_smallcnn", "mnist_mlp"])
 def test_fgsm_matches_torchattacks(name, mnist_test):
     """torchattacks.FGSM computes x + eps * sign(grad) clipped to [0, 1]: the same images."""
@@ -181,8 +178,6 @@ def test_cifar10_cards_are_reproduced_on_a_sample(name):
     x, y = (t[:300] for t in load_dataset("cifar10", "test").tensors)
     eps = card["robust_eps"]
     x_adv = pgd(model, x, y, eps=eps, steps=40, step_size=eps / 30, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        clean = (model(x).argmax(1) == y).float().mean().item()
-        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    clean, robust = accuracy(model, x, y), accuracy(model, x_adv, y)
     assert clean == pytest.approx(card["test_accuracy"], abs=0.085)  # > 3 standard errors at 300
     assert robust == pytest.approx(card["robust_accuracy_pgd40"], abs=0.085)

@@ -47,6 +47,13 @@ def check_nonnegative(value: object, name: str) -> float:
     return float(value)
 
 
+def check_positive(value: object, name: str, why: str) -> float:
+    """Check that ``value`` is a finite real number > 0; ``why`` says what a value <= 0 would break."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise ValueError(f"{name} must be > 0 ({why}), got {value}")
+    return check_nonnegative(value, name)
+
+
 def check_positive_int(value: object, name: str) -> int:
     """Check that ``value`` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_labels, check_positive_int
-from robustdl.attacks._core import check_inputs, eval_mode, is_adversarial
-from robustdl.attacks.gradient import apgd
+from robustdl._model import check_inputs, eval_mode
+from robustdl.attacks._core import best_of
+from robustdl.attacks.apgd import apgd
 from robustdl.train import Attack, evaluate
 
 __all__ = ["autoattack_like", "robust_accuracy", "robustness_curve", "worst_case"]
@@ -79,7 +80,8 @@ def worst_case(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[Attack]
 
     Examples the model already misclassifies are left as they are; each attack runs only on
     the examples that no earlier attack has broken, as AutoAttack runs its ensemble
-    :cite:`croce2020reliable`. An example no attack breaks keeps the last attack's result.
+    :cite:`croce2020reliable` (:func:`~robustdl.attacks._core.best_of`, which also keeps PGD's
+    best restart). An example no attack breaks keeps the last attack's result.
 
     Args:
         model: a classifier returning logits, taking images in [0, 1].
@@ -93,15 +95,10 @@ def worst_case(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[Attack]
     check_inputs(model, x, y)
     if len(attacks) == 0:
         raise ValueError("attacks must hold at least one attack(model, x, y) -> x_adv, got none")
-    x_adv = x.detach().clone()
+    runs = [lambda x, _y, _t: x.clone()]  # the clean inputs: what is misclassified already stays so
+    runs += [lambda x, y, _t, attack=attack: attack(model, x, y) for attack in attacks]
     with eval_mode(model):
-        todo = (~is_adversarial(model, x_adv, y)).nonzero().flatten()
-        for attack in attacks:
-            if len(todo) == 0:
-                break
-            x_adv[todo] = attack(model, x[todo], y[todo])
-            todo = todo[~is_adversarial(model, x_adv[todo], y[todo])]
-    return x_adv
+        return best_of(runs, model, x.detach(), y, loss=None)
 
 
 def _most_likely_other(model: nn.Module, x: Tensor, y: Tensor, rank: int) -> Tensor:
@@ -128,7 +125,7 @@ def autoattack_like(
 ) -> Tensor:
     """An ensemble in the manner of AutoAttack's standard version :cite:`croce2020reliable`.
 
-    :func:`worst_case` over :func:`~robustdl.attacks.gradient.apgd` on the cross-entropy, APGD
+    :func:`worst_case` over :func:`~robustdl.attacks.apgd.apgd` on the cross-entropy, APGD
     on the DLR loss, then APGD-T: APGD on the targeted DLR loss towards each of the ``targets``
     most likely other classes in turn (at most the number of classes less one). AutoAttack's
     other two members, FAB-T and the black-box Square attack, are left out.

@@ -48,9 +48,9 @@ from scipy.stats import norm as normal
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_labels, check_nonnegative, check_positive_int
+from robustdl._model import accuracy, check_model, predict
 from robustdl._random import uniform
 from robustdl.attacks import pgd
-from robustdl.attacks._core import check_model, eval_mode
 from robustdl.threat import parse_norm
 from robustdl.verify import certified
 
@@ -265,8 +265,11 @@ def operational_profile(cells: Cells, z: Tensor, bandwidth: float | None = None,
 
 
 def _predict(model: nn.Module, x: Tensor, decoder: Map | None, batch_size: int) -> Tensor:
-    with eval_mode(model), torch.no_grad():
-        return torch.cat([model(xb if decoder is None else decoder(xb)).argmax(1) for xb in x.split(batch_size)])
+    """:func:`~robustdl.predict` of ``x``, mapped first through ``decoder`` in chunks when given."""
+    if decoder is None:
+        return predict(model, x, batch_size)
+    with torch.no_grad():
+        return torch.cat([predict(model, decoder(xb)) for xb in x.split(batch_size)])
 
 
 def cell_unastuteness(model: nn.Module, cells: Cells, labels: Tensor, samples: int = 100,
@@ -382,10 +385,6 @@ class ReliabilityReport:
                 "Var[lambda]": e.var, f"Ub{100 * e.confidence:g}%": e.upper, "s per cell": self.seconds_per_cell}
 
 
-def _error(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return (_predict(model, x, None, 4096) != y.to(x.device)).double().mean().item()
-
-
 def assess(model: nn.Module, cells: Cells, profile: OperationalProfile, x_train: Tensor, y_train: Tensor,
            x_test: Tensor, y_test: Tensor, encoder: Map | None = None, decoder: Map | None = None,
            samples: int = 100, confidence: float = 0.975,
@@ -408,8 +407,8 @@ def assess(model: nn.Module, cells: Cells, profile: OperationalProfile, x_train:
     lam, lam_var = cell_unastuteness(model, cells, labels, samples, decoder, generator)
     seconds = (time.perf_counter() - start) / len(cells)
     return ReliabilityReport(
-        train_error=_error(model, x_train, y_train),
-        test_error=_error(model, x_test, y_test),
+        train_error=1 - accuracy(model, x_train, y_train, 4096),
+        test_error=1 - accuracy(model, x_test, y_test, 4096),
         r_separation=r_separation(z_train, y_train),
         radius=cells.radius,
         cells=len(cells),

@@ -12,7 +12,9 @@ attacks, training objectives and verifiers never branch on ``p``:
 * :meth:`LpBall.random` -- a uniform random point of the ball, clipped into the box,
 * :meth:`LpBall.step` -- the steepest-ascent step :math:`\arg\max_{\|v\|_p \le \alpha} \langle g, v\rangle`,
 * :meth:`LpBall.norm` and :meth:`LpBall.dual_norm` -- per-example norms, reduced over every
-  non-batch dimension.
+  non-batch dimension,
+* :meth:`LpBall.box` and :meth:`LpBall.concretise` -- the smallest box around the set, and sound
+  lower bounds on linear functions over the set (through the dual norm), for the verifiers.
 
 Taught in the chapter *Introduction* (threat models) and used by every attack.
 """
@@ -29,7 +31,7 @@ from torch import Tensor
 from robustdl._checks import check_fraction, check_images, check_nonnegative
 from robustdl._random import integers, normal, uniform
 
-__all__ = ["LpBall", "parse_norm", "per_example"]
+__all__ = ["LpBall", "inner", "parse_norm", "per_example"]
 
 _NORM_NAMES = {"inf": math.inf, "linf": math.inf, "l2": 2.0, "2": 2.0, "l1": 1.0, "1": 1.0}
 #: Bisection iterations for the exact L1/L2 projections: the bracket shrinks by 2**-50.
@@ -68,6 +70,14 @@ def _bisect(norm_at: Callable[[Tensor], Tensor], hi: Tensor, eps: float) -> Tens
     return hi
 
 
+def inner(A: Tensor, v: Tensor) -> Tensor:
+    r""":math:`\langle A_k, v \rangle` for each example and row: ``A`` (N or 1, K, ...), ``v`` (N, ...) -> (N, K)."""
+    a, v = A.flatten(2), v.flatten(1)
+    if a.shape[0] == 1:
+        return v @ a[0].T
+    return torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class LpBall:
     r"""The threat model :math:`\{x' : \|x' - x\|_p \le \epsilon\} \cap [0, 1]^d`.
@@ -97,13 +107,47 @@ class LpBall:
         """The :math:`L_p` norm of each example of ``delta``, shape (N,)."""
         return torch.linalg.vector_norm(delta.flatten(1), ord=self.p, dim=1)
 
+    @property
+    def dual_exponent(self) -> float:
+        r"""The dual exponent :math:`q`, :math:`1/p + 1/q = 1`: 1 for Linf, 2 for L2, ``math.inf`` for L1."""
+        return {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[self.p]
+
     def dual_norm(self, g: Tensor) -> Tensor:
         r"""The dual norm :math:`\|g\|_q`, :math:`1/p + 1/q = 1`, of each example, shape (N,).
 
         It is the largest first-order change :math:`\max_{\|v\|_p \le 1} \langle g, v \rangle`.
         """
-        q = {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[self.p]
-        return torch.linalg.vector_norm(g.flatten(1), ord=q, dim=1)
+        return torch.linalg.vector_norm(g.flatten(1), ord=self.dual_exponent, dim=1)
+
+    def box(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The smallest box containing the threat model: :math:`[\max(x - \epsilon, 0), \min(x + \epsilon, 1)]`.
+
+        Every norm's ball lies in the Linf ball of the same radius, and each coordinate reaches
+        :math:`x_i \pm \epsilon` (clipped) alone, so this box is the tightest; for Linf it *is* the set.
+        """
+        return (x - self.eps).clamp(0, 1), (x + self.eps).clamp(0, 1)
+
+    def concretise(self, A: Tensor, x: Tensor) -> Tensor:
+        r"""Lower bounds on K linear functions over the set: :math:`\min_{x' \in S(x)} \langle A_k, x' \rangle`.
+
+        ``A`` is (N, K, \*x.shape[1:]), or (1, K, ...) when the same for every example; ``x`` is
+        (N, ...). Returns (N, K), the tighter of two sound bounds (the upper bound of
+        :math:`\langle A_k, x' \rangle` is minus the lower bound of :math:`-A_k`):
+
+        * over the ball, by Hölder's inequality, exact when the box does not bind:
+          :math:`\langle A_k, x \rangle - \epsilon \|A_k\|_q` (:attr:`dual_exponent`);
+        * over the :meth:`box` :math:`[l, u]` with centre :math:`c` and radius :math:`r`:
+          :math:`\langle A_k, c \rangle - \langle |A_k|, r \rangle`, exact for Linf.
+
+        For Linf the box is the whole set, so only the box bound is computed. This is how IBP and
+        CROWN (:mod:`robustdl.verify.bounds`) bound a linear function of the input.
+        """
+        lower, upper = self.box(x)
+        bound = inner(A, (upper + lower) / 2) - inner(A.abs(), (upper - lower) / 2)
+        if self.p == math.inf:
+            return bound
+        dual = torch.linalg.vector_norm(A.flatten(2), ord=self.dual_exponent, dim=2)
+        return torch.maximum(bound, inner(A, x) - self.eps * dual)
 
     def contains(self, x_adv: Tensor, x: Tensor, atol: float = 1e-6) -> Tensor:
         """Whether each ``x_adv`` lies in the ball around ``x`` and in [0, 1], shape (N,) bool."""

@@ -1,47 +1,23 @@
-"""What every attack shares: the model in eval mode, and the loss gradient at the input."""
+"""What only attacks share: the loss gradient at the input, the value an attack maximises, the best of
+several runs, and the per-example search over a penalty constant."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustdl._checks import check_images, check_labels
+from robustdl._checks import check_labels, check_positive_int
+from robustdl._model import check_inputs, logits_of
+from robustdl.losses import Loss, cross_entropy, dlr_loss, goal_loss, goal_reached
+from robustdl.threat import LpBall
 
-#: A per-example loss ``loss(logits, labels) -> Tensor`` of shape (N,).
-Loss = Callable[[Tensor, Tensor], Tensor]
-
-
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-example cross-entropy, the loss :math:`J(\\theta, x, y)` of FGSM and PGD."""
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its train/eval mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def check_model(model: object) -> None:
-    """A clear error unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
-
-
-def check_inputs(model: object, x: object, y: object) -> None:
-    """Clear errors for the arguments every attack takes."""
-    check_model(model)
-    check_images(x)
-    check_labels(y, x)  # type: ignore[arg-type]
+#: An attack's objective ``objective(logits, y, target) -> (N,)``: the value it maximises.
+Objective = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+#: The Euclidean norm of :mod:`robustdl.threat` (only ``norm`` is used, so the radius is 0).
+_L2 = LpBall("l2", 0.0)
 
 
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = cross_entropy) -> Tensor:
@@ -56,72 +32,82 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = cross_en
     return grad
 
 
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)``, checked to be a logits tensor."""
-    logits = model(x)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"model must return a logits tensor, got {type(logits).__name__}; wrap a model that "
-            "returns a dict or tuple in a module that returns the logits"
-        )
-    return logits
+def _objective(loss: str | Loss) -> Objective:
+    """The value an attack maximises: ``loss`` of the label, or minus ``loss`` of the target."""
+    if loss == "dlr":
+        return dlr_loss
+    if loss == "ce":
+        loss = cross_entropy
+    if not callable(loss):
+        raise ValueError(f"loss must be 'ce', 'dlr' or a function (logits, labels) -> (N,), got {loss!r}")
+
+    return partial(goal_loss, loss=loss)
 
 
-def margin(logits: Tensor, y: Tensor) -> Tensor:
-    """The classification margin :math:`z_y - \\max_{j \\ne y} z_j` per example, shape (N,).
-
-    Negative exactly when the example is misclassified (ties count as misclassified).
-    """
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return true - others.amax(dim=1)
-
-
-def is_adversarial(model: nn.Module, x_adv: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
-    """Whether each ``x_adv`` fools ``model``: any wrong label, or the ``target`` label if given."""
-    with torch.no_grad():
-        pred = model(x_adv).argmax(dim=1)
-    return pred != y if target is None else pred == target
-
-
-def adversarial_loss(model: nn.Module, x_adv: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
-    """The per-example loss an attack maximises: CE of the true label, or minus CE of the target."""
-    with torch.no_grad():
-        logits = model(x_adv)
-    return cross_entropy(logits, y) if target is None else -cross_entropy(logits, target)
+def _check_goal(model: object, x: object, y: object, target: object) -> None:
+    check_inputs(model, x, y)
+    if target is not None:
+        check_labels(target, x, "target")  # type: ignore[arg-type]
 
 
 #: One run of an attack on a batch: ``attack_once(x, y, target) -> x_adv``.
 AttackOnce = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def best_of_restarts(
-    attack_once: AttackOnce,
+def best_of(
+    runs: Iterable[AttackOnce],
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    target: Tensor | None,
-    restarts: int,
+    target: Tensor | None = None,
+    loss: Loss | None = cross_entropy,
 ) -> Tensor:
-    """Run ``attack_once`` up to ``restarts`` times and keep the best result per example.
+    """Per example, the first result of ``runs`` that reaches the goal; each run attacks only the rest.
 
-    As AutoAttack's ``perturb`` does, each restart runs only on the examples not yet broken.
-    An example keeps its first adversarial result; an example never broken keeps the result
-    of highest :func:`adversarial_loss` over the restarts.
+    The scheme of AutoAttack :cite:`croce2020reliable` for its restarts and its ensemble: run
+    after run, only the examples no earlier run has broken are attacked, and an example keeps its
+    first result that reaches the goal (:func:`~robustdl.losses.goal_reached`). An example no run
+    breaks keeps the result of highest :func:`~robustdl.losses.goal_loss` of ``loss``, or with
+    ``loss=None`` the last run's result. Each result costs one forward pass, without gradients.
     """
     best = x.clone()
     best_loss = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(restarts):
+    for run in runs:
         todo = (~broken).nonzero().flatten()
         if len(todo) == 0:
             break
         t = None if target is None else target[todo]
-        candidate = attack_once(x[todo], y[todo], t)
-        success = is_adversarial(model, candidate, y[todo], t)
-        loss = adversarial_loss(model, candidate, y[todo], t)
-        better = success | (loss > best_loss[todo])
+        candidate = run(x[todo], y[todo], t)
+        with torch.no_grad():
+            logits = logits_of(model, candidate)
+        success = goal_reached(logits, y[todo], t)
+        if loss is None:
+            better = torch.ones_like(success)
+        else:
+            value = goal_loss(logits, y[todo], t, loss)
+            better = success | (value > best_loss[todo])
+            best_loss[todo[better]] = value[better]
         best[todo[better]] = candidate[better]
-        best_loss[todo[better]] = loss[better]
         broken[todo[success]] = True
     return best
+
+
+def _restarted(run: AttackOnce, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, restarts: int) -> Tensor:
+    """``run`` once, or :func:`~robustdl.attacks._core.best_of` ``restarts`` runs.
+
+    A single run needs none of the forward passes by which ``best_of`` compares runs.
+    """
+    restarts = check_positive_int(restarts, "restarts")
+    return run(x, y, target) if restarts == 1 else best_of([run] * restarts, model, x, y, target)
+
+
+def _search_step(c: Tensor, lower: Tensor, upper: Tensor, grow: Tensor, factor: float) -> tuple[Tensor, ...]:
+    """One step of the per-example search over ``c``.
+
+    Where ``grow``, ``c`` is a lower bound of the constant sought, elsewhere an upper bound;
+    the next ``c`` bisects the bracket once it is finite, and is ``c * factor`` before.
+    """
+    lower = torch.where(grow, torch.maximum(lower, c), lower)
+    upper = torch.where(grow, upper, torch.minimum(upper, c))
+    return torch.where(upper.isfinite(), (lower + upper) / 2, c * factor), lower, upper

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustdl._checks import check_nonnegative, check_positive_int
-from robustdl.attacks._core import check_inputs, eval_mode, margin
+from robustdl._model import check_inputs, eval_mode
+from robustdl.losses import goal_margin, goal_reached
 
 __all__ = ["flow_loss", "flow_warp", "stadv", "stadv_flow"]
 
@@ -117,16 +118,6 @@ def flow_loss(flow: Tensor, tiny: float = FLOW_LOSS_TINY, fixed_frame: bool = Fa
     return 2 * (pairs[0] + pairs[1])
 
 
-def _adversarial_loss(logits: Tensor, y: Tensor, target: Tensor | None, kappa: float) -> Tensor:
-    r"""The seed's :math:`\mathcal{L}_{adv} = \max(\max_{i \ne t} g_i - g_t, \kappa)` per example.
-
-    Untargeted, the true class takes the place of the target with the sign turned:
-    :math:`\max(g_y - \max_{i \ne y} g_i, \kappa)`.
-    """
-    m = margin(logits, y) if target is None else -margin(logits, target)
-    return m.clamp_min(kappa)
-
-
 def stadv_flow(
     model: nn.Module,
     x: Tensor,
@@ -186,11 +177,10 @@ def stadv_flow(
         for _ in range(steps):
             logits = model(flow_warp(x, flow))
             smoothness = flow_loss(flow)
-            loss = _adversarial_loss(logits, y, target, kappa) + tau * smoothness
+            loss = goal_margin(logits, y, target).clamp_min(kappa) + tau * smoothness
             (flow.grad,) = torch.autograd.grad(loss.sum(), flow)  # the flow's only: none on the model
             with torch.no_grad():
-                pred = logits.argmax(dim=1)
-                better = (pred != y if target is None else pred == target) & (smoothness < best_loss)
+                better = goal_reached(logits, y, target) & (smoothness < best_loss)
                 best[better], best_loss[better] = flow[better], smoothness[better]
             optimiser.step()
     never = torch.isinf(best_loss)

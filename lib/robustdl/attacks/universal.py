@@ -23,19 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_images, check_nonnegative, check_positive_int
+from robustdl._model import check_inputs, check_model, eval_mode, logits_of, predict
 from robustdl._progress import progress_bar
 from robustdl._random import permutation
-from robustdl.attacks._core import check_inputs, check_model, eval_mode, logits_of
 from robustdl.attacks.spatial import flow_loss, flow_warp
 from robustdl.threat import LpBall, per_example
 
 __all__ = ["GeneralizedPerturbation", "deepfool", "fooling_rate", "guap", "uap"]
 
 
-def _predict(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Predicted labels, computed without gradients in chunks of ``batch_size``."""
-    with torch.no_grad():
-        return torch.cat([logits_of(model, chunk).argmax(dim=1) for chunk in x.split(batch_size)])
+#: Images per forward pass of the predictions (:func:`~robustdl.predict`) these attacks compare.
+BATCH = 500
 
 
 def fooling_rate(model: nn.Module, x: Tensor, x_adv: Tensor) -> float:
@@ -51,7 +49,7 @@ def fooling_rate(model: nn.Module, x: Tensor, x_adv: Tensor) -> float:
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv must have the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}")
     with eval_mode(model):
-        return (_predict(model, x) != _predict(model, x_adv)).float().mean().item()
+        return (predict(model, x, BATCH) != predict(model, x_adv, BATCH)).float().mean().item()
 
 
 def _class_gradients(model: nn.Module, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,15 +205,15 @@ def uap(
     target_fooling_rate = check_fraction(target_fooling_rate, "target_fooling_rate")
     v = torch.zeros_like(images[:1])
     with eval_mode(model):
-        clean = _predict(model, images)
+        clean = predict(model, images, BATCH)
         for _ in progress_bar(range(max_passes), progress, desc="UAP passes"):
             order = permutation(len(images), images.device, generator).tolist()
             for i in order:
                 x_v = (images[i : i + 1] + v).clamp(0, 1)
-                if _predict(model, x_v) == clean[i]:
+                if predict(model, x_v, BATCH) == clean[i]:
                     step = deepfool(model, x_v, clean[i : i + 1], overshoot=overshoot, steps=deepfool_steps) - x_v
                     v = ball.project_perturbation(v + step)
-            if (_predict(model, (images + v).clamp(0, 1)) != clean).float().mean() >= target_fooling_rate:
+            if (predict(model, (images + v).clamp(0, 1), BATCH) != clean).float().mean() >= target_fooling_rate:
                 break
     return v
 
@@ -294,7 +292,7 @@ def guap(
     delta = torch.zeros_like(images[:1]).requires_grad_(True)
     optimiser = torch.optim.Adam([flow, delta], lr=lr)
     with eval_mode(model):
-        clean = _predict(model, images)
+        clean = predict(model, images, BATCH)
         for _ in progress_bar(range(epochs), progress, desc="GUAP epochs"):
             for batch in permutation(len(images), images.device, generator).split(batch_size):
                 with torch.enable_grad():

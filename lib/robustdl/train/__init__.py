@@ -2,7 +2,8 @@
 
 * :mod:`robustdl.train.loop` -- :func:`fit`, :func:`run_epoch`, :func:`evaluate`, checkpoints;
 * :mod:`robustdl.train.adversarial` -- PGD-AT, fast FGSM, free, YOPO, TRADES;
-* :mod:`robustdl.train.distributional` -- WRM, VAT, feature scattering, latent distributions;
+* distributional robustness: :mod:`robustdl.train.wrm` (WRM), :mod:`robustdl.train.vat` (VAT),
+  :mod:`robustdl.train.feature_scattering`, :mod:`robustdl.train.atld` (latent distributions);
 * :mod:`robustdl.train.regularisers` -- spectral normalisation, Parseval, Lipschitz and weight-correlation penalties;
 * :mod:`robustdl.train.scr` -- adversarial training with shift consistency regularisation (AT-SCR);
 * :mod:`robustdl.train.distributed` -- the same loop under ``torchrun``.

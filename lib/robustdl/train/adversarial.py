@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_labels, check_nonnegative, check_positive_int
-from robustdl.attacks._core import eval_mode
+from robustdl._model import accuracy, eval_mode
+from robustdl.ascent import ascent_step, projected_ascent
 from robustdl.attacks.gradient import pgd
+from robustdl.losses import kl_divergence
 from robustdl.threat import LpBall
 from robustdl.train.distributed import unwrap
 from robustdl.train.loop import Objective
@@ -122,9 +124,9 @@ class FreeAT:
     .. math:: \delta \leftarrow \Pi_{\|\delta\|_p \le \epsilon}\big(\delta + \mathrm{step}_p(g, \epsilon)\big),
 
     (for Linf, :math:`\delta + \epsilon\,\mathrm{sign}(g)` clipped to :math:`[-\epsilon, \epsilon]`),
-    projected with the [0, 1] box. A tensor hook on :math:`\delta` performs the ascent during
-    the loop's own ``loss.backward()``. To match the work of :math:`E` epochs of standard
-    training, train :math:`E / m` epochs.
+    projected with the [0, 1] box (:func:`~robustdl.ascent.ascent_step`, PGD's step). A
+    tensor hook on :math:`\delta` performs the ascent during the loop's own ``loss.backward()``.
+    To match the work of :math:`E` epochs of standard training, train :math:`E / m` epochs.
 
     >>> free = FreeAT(eps=0.3)
     >>> fit(model, loader, epochs // free.replays, optimizer, free, replays=free.replays)
@@ -149,7 +151,7 @@ class FreeAT:
 
     def _ascend(self, x: Tensor, delta: Tensor, grad: Tensor) -> None:
         with torch.no_grad():
-            x_new = self.ball.project(x + delta + self.ball.step(grad, self.ball.eps), x)
+            x_new = ascent_step(x + delta, x, grad, self.ball, self.ball.eps)
             if self.delta is None or self.delta.shape[1:] != x.shape[1:] or len(self.delta) < len(x):
                 self.delta = torch.zeros_like(x)
             self.delta[: len(x)] = x_new - x
@@ -174,11 +176,12 @@ class YOPO:
     Split the network as :math:`f = g \circ f_0` with :math:`f_0` its first layer. By
     Pontryagin's maximum principle the adversary depends on the rest of the network only
     through the co-state :math:`p = \nabla_z L(g(z), y)` at :math:`z = f_0(x + \eta)`. For each
-    of :math:`m` (``outer``) full forward-backward passes, which give :math:`p` and accumulate
-    the parameter gradient, the perturbation takes :math:`n` (``inner``) cheap ascent steps
-    through the first layer alone, on the Hamiltonian :math:`p \cdot f_0(x + \eta)`; the first
-    layer's weights also collect the Hamiltonian's gradient at the moved point. The returned
-    value is the sum whose gradient is that update (as the authors' code accumulates it):
+    of :math:`m` (``outer``) full forward-backward passes, which give :math:`p` and accumulate the
+    parameter gradient, the perturbation takes :math:`n` (``inner``) cheap ascent steps through
+    the first layer alone, projected ascent (:func:`~robustdl.ascent.projected_ascent`)
+    on the Hamiltonian :math:`p \cdot f_0(x + \eta)`; the first layer's weights also collect the
+    Hamiltonian's gradient at the moved point. The returned value is the sum whose gradient is
+    that update (as the authors' code accumulates it):
 
     .. math:: \sum_{j=1}^{m} \Big[ L(f(x + \eta_j), y) + p_j \cdot f_0(x + \eta_{j+1}) \Big].
 
@@ -216,13 +219,11 @@ class YOPO:
         return total
 
     def _inner(self, model: nn.Module, layer: nn.Module, x: Tensor, x_adv: Tensor, p: Tensor) -> Tensor:
-        """``inner`` ascent steps on the Hamiltonian :math:`p \\cdot f_0(x')` through the first layer."""
-        for _ in range(self.inner):
-            x_adv = x_adv.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad((p * _first_layer_output(model, layer, x_adv)).sum(), x_adv)
-            with torch.no_grad():
-                x_adv = self.ball.project(x_adv + self.ball.step(g, self.step_size), x)
-        return x_adv.detach()
+        """``inner`` projected ascent steps on the Hamiltonian :math:`p \\cdot f_0(x')` through the first layer."""
+        def hamiltonian(x_adv: Tensor, _rows: Tensor) -> tuple[Tensor, None]:
+            return (p * _first_layer_output(model, layer, x_adv)).sum(), None
+
+        return projected_ascent(hamiltonian, x, self.ball, [self.step_size] * self.inner, start=x_adv)
 
 
 class _Reached(Exception):
@@ -275,33 +276,20 @@ def trades_loss(
 
     .. math:: \mathbb{E}\Big[L(f(x), y) + \beta \max_{x' \in S(x)} \mathrm{KL}\big(f(x)\,\|\,f(x')\big)\Big].
 
-    The inner maximum is :func:`~robustdl.attacks.pgd` on the per-example KL divergence from
-    the (fixed) clean prediction, from a uniformly random point of the ball (the authors start
-    at :math:`x + 0.001\,\mathcal{N}(0, I)`; either way the start avoids the KL's zero gradient
-    at :math:`x' = x`). ``beta = 0`` is standard training; Zhang et al. use
-    :math:`\beta = 6` on CIFAR-10 and MNIST.
+    The inner maximum is :func:`~robustdl.attacks.pgd` on the per-example KL divergence from the
+    (fixed) clean prediction, passed to PGD as its per-example data ``y``, from a uniformly
+    random point of the ball (the authors start at :math:`x + 0.001\,\mathcal{N}(0, I)`; either
+    way the start avoids the KL's zero gradient at :math:`x' = x`). ``beta = 0`` is standard
+    training; Zhang et al. use :math:`\beta = 6` on CIFAR-10 and MNIST.
     """
     beta = check_nonnegative(beta, "beta")
     with torch.no_grad(), eval_mode(model):
         p_clean = F.softmax(unwrap(model)(x), dim=1)
-    x_star = pgd(unwrap(model), x, torch.arange(len(x), device=x.device), eps, norm, steps, step_size,
-                 loss=_kl_from(p_clean), early_stop=False)
+    x_star = pgd(unwrap(model), x, p_clean, eps, norm, steps, step_size,
+                 loss=lambda logits, p: kl_divergence(p, logits), early_stop=False)
     logits = model(x)
     kl = F.kl_div(F.log_softmax(model(x_star), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * kl
-
-
-def _kl_from(p_clean: Tensor) -> Any:
-    """The per-example loss :math:`\\mathrm{KL}(p_i \\| \\mathrm{softmax}(z))` for PGD.
-
-    PGD passes each example's "label"; TRADES passes the example's index, so the loss looks
-    up the clean prediction :math:`p_i` of the example it is given.
-    """
-    def kl(logits: Tensor, index: Tensor) -> Tensor:
-        p = p_clean[index]
-        return (p * (p.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1))).sum(dim=1)
-
-    return kl
 
 
 class EpsilonRamp:
@@ -357,14 +345,13 @@ class CatastrophicOverfittingGuard:
         dev = next(module.parameters()).device
         x, y = self.x.to(dev), self.y.to(dev)
         x_adv = pgd(module, x, y, self.eps, self.norm, self.steps)
-        with torch.no_grad(), eval_mode(module):
-            accuracy = (module(x_adv).argmax(1) == y).float().mean().item()
-        record["guard_pgd_accuracy"] = accuracy
-        if accuracy < self.best - self.drop:
+        robust = accuracy(module, x_adv, y)
+        record["guard_pgd_accuracy"] = robust
+        if robust < self.best - self.drop:
             module.load_state_dict(self.best_state)
             self.triggered_at = record.get("epoch")
             record["catastrophic_overfitting"] = 1.0
             return True
-        if accuracy >= self.best:
-            self.best, self.best_state = accuracy, copy.deepcopy(module.state_dict())
+        if robust >= self.best:
+            self.best, self.best_state = robust, copy.deepcopy(module.state_dict())
         return False

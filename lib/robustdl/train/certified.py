@@ -43,7 +43,7 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float = 0.3, kappa: fl
     :math:`\kappa` from 1 down to its final value: with ``full_eps`` (the radius at the end of the
     ramp) the weight follows the radius, :math:`\kappa_t = 1 - (1 - \kappa) \min(1, \epsilon_t / \epsilon_{full})`.
     On MNIST they train at :math:`\epsilon = 0.4` to certify at 0.3. The network must be one that
-    bound propagation supports (:func:`~robustdl.verify.bounds.layers`).
+    bound propagation supports (:func:`~robustdl.verify.operators.layers`).
     """
     kappa = check_fraction(kappa, "kappa")
     eps = check_nonnegative(eps, "eps")

@@ -2,8 +2,8 @@
 
 An *objective* is a function ``objective(model, x, y) -> Tensor`` returning the scalar loss
 to minimise on a batch; :func:`standard_loss` is empirical risk minimisation. Adversarial
-training adds objectives (:mod:`robustdl.train.adversarial`,
-:mod:`robustdl.train.distributional`), never loops: :func:`run_epoch` trains with any of them,
+training adds objectives (:mod:`robustdl.train.adversarial`, :mod:`robustdl.train.wrm`,
+:mod:`robustdl.train.vat`, ...), never loops: :func:`run_epoch` trains with any of them,
 in the spirit of ``epoch_adversarial(loader, model, attack, opt=None)`` of the Kolter--Madry
 tutorial :cite:`kolter2018tutorial`.
 
@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from robustdl._checks import check_positive_int
+from robustdl._model import eval_mode
 from robustdl._progress import progress_bar
-from robustdl.attacks._core import eval_mode
 from robustdl.train.distributed import all_sum, is_main_process
 
 __all__ = [

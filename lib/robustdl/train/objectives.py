@@ -9,9 +9,11 @@ from typing import Any
 from robustdl._checks import check_positive_int
 from robustdl.train.adversarial import EpsilonRamp, FreeAT, fast_at_loss, pgd_at_loss, trades_loss
 from robustdl.train.certified import ibp_loss
-from robustdl.train.distributional import feature_scattering_loss, vat_loss, wrm_loss
+from robustdl.train.feature_scattering import feature_scattering_loss
 from robustdl.train.loop import Objective, standard_loss
 from robustdl.train.scr import at_scr_loss
+from robustdl.train.vat import vat_loss
+from robustdl.train.wrm import wrm_loss
 
 __all__ = ["OBJECTIVES", "make_objective"]
 

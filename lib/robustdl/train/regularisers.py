@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from robustdl._checks import check_nonnegative, check_positive_int
 from robustdl._random import normal
-from robustdl.measures import layer_input_shapes, layer_map, power_iteration, weight_correlation, weighted_layers
+from robustdl.layers import layer_input_shapes, layer_map, power_iteration, weight_correlation, weighted_layers
 from robustdl.train.loop import Objective
 
 __all__ = [

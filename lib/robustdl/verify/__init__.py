@@ -1,6 +1,8 @@
 """Verification: sound bounds, exact solvers and certified robustness of neural networks.
 
-* :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP) and CROWN, certified accuracy;
+* :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP) and CROWN, certified accuracy,
+  over the bound operators of :mod:`robustdl.verify.operators` (dense rows, or local windows:
+  :mod:`robustdl.verify.patches`);
 * :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP);
 * :mod:`robustdl.verify.deepgo` -- Lipschitz global optimisation with converging bounds (DeepGO);
 * :mod:`robustdl.verify.clever` -- CLEVER scores (extreme value theory);
@@ -11,24 +13,24 @@ Reliability assessment lives in :mod:`robustdl.reliability`.
 """
 
 from robustdl.verify.bounds import (
-    BoundOp,
     certified,
     certified_accuracy,
     crown_bounds,
     crown_margin,
     ibp_margin,
     interval_bounds,
-    layers,
     margin_spec,
-    operators,
     preactivation_bounds,
+    threat_model,
 )
 from robustdl.verify.milp import MarginResult, exact_margin, exact_min_margin
+from robustdl.verify.operators import BoundOp, layers, operators
 
 # One line per module: each module appends its own names.
-__all__ = ["BoundOp", "certified", "certified_accuracy", "crown_bounds", "crown_margin", "ibp_margin",
-           "interval_bounds", "layers", "margin_spec", "operators", "preactivation_bounds"]
+__all__ = ["certified", "certified_accuracy", "crown_bounds", "crown_margin", "ibp_margin",
+           "interval_bounds", "margin_spec", "preactivation_bounds", "threat_model"]
 __all__ += ["MarginResult", "exact_margin", "exact_min_margin"]
+__all__ += ["BoundOp", "layers", "operators"]
 
 from robustdl.verify.clever import clever  # noqa: E402
 from robustdl.verify.deepgo import Bounds, SafetyResult, minimise, reachability, safety  # noqa: E402

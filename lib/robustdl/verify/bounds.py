@@ -17,30 +17,26 @@ c_k^\top f(x') \le \overline{m}_k` for every :math:`x' \in B(x)`. With the margi
 
 A network is an :class:`~torch.nn.Sequential` of ``Linear``, ``Conv2d``, ``ReLU``, ``Flatten`` and
 :class:`~robustdl.models.Normalize` layers, or one of our models whose ``.net`` is such a
-sequence (:func:`layers`). Each layer becomes a small *bound operator* (:class:`BoundOp`) with
-two methods, as in auto_LiRPA's ``operators``: ``interval`` (forward) and ``backward``
-(the linear bounds of CROWN). The exact answer, by mixed-integer programming, is in
-:mod:`robustdl.verify.milp`. Taught in the chapter *Linear relaxations and certified training*.
+sequence (:func:`~robustdl.verify.operators.layers`). Each layer becomes a small *bound operator*
+(:mod:`robustdl.verify.operators`) with two methods: ``interval`` (forward) and ``backward`` (the
+linear bounds of CROWN); this module chains them. The exact answer, by mixed-integer programming,
+is in :mod:`robustdl.verify.milp`. Taught in the chapter *Linear relaxations and certified training*.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustdl._checks import check_images, check_labels, check_nonnegative, check_positive_int
-from robustdl.models import Normalize
+from robustdl._checks import check_images, check_labels, check_positive_int
+from robustdl.threat import LpBall
+from robustdl.verify.operators import BoundConv2d, BoundOp, BoundReLU, Interval, operators
+from robustdl.verify.patches import Patches
 
 __all__ = [
-    "BoundConv2d",
-    "BoundFlatten",
-    "BoundLinear",
-    "BoundNormalize",
-    "BoundOp",
-    "BoundReLU",
     "certified",
     "certified_accuracy",
     "crown_bounds",
@@ -48,188 +44,29 @@ __all__ = [
     "ibp_margin",
     "input_box",
     "interval_bounds",
-    "layers",
     "margin_spec",
-    "operators",
     "preactivation_bounds",
+    "threat_model",
 ]
 
-#: A pair ``(lower, upper)`` of tensors of the same shape, elementwise lower <= upper.
-Interval = tuple[Tensor, Tensor]
+
+def threat_model(eps: float | LpBall) -> LpBall:
+    """The input set that ``eps`` names: an :class:`~robustdl.threat.LpBall` as it is, a bare radius the Linf ball."""
+    if isinstance(eps, LpBall):
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a radius (a float: the Linf ball) or a robustdl.threat.LpBall, "
+                        f"got {type(eps).__name__}: {eps!r}")
+    return LpBall(math.inf, eps)
 
 
-class BoundOp:
-    r"""The protocol of a bound operator: one layer :math:`h = g(z)` of the network.
+def input_box(x: Tensor, eps: float | LpBall) -> Interval:
+    r"""The smallest box around the threat model, :math:`[\max(x - \epsilon, 0), \min(x + \epsilon, 1)]`.
 
-    Shapes: ``lower``, ``upper`` are the bounds of the layer's input, (N, \*in); ``A`` holds the
-    coefficients of K linear functions of the layer's output, (N, K, \*out).
+    :meth:`LpBall.box`; for the Linf ball (a bare ``eps``) the box is the input set itself.
     """
-
-    #: True when the layer is an affine map (its backward step is exact, no relaxation).
-    affine = True
-    #: True when the layer mixes coordinates (Linear, Conv2d): interval arithmetic is exact
-    #: through any chain with at most one such layer (the others map boxes onto boxes).
-    mixing = False
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        """Bounds (N, \\*out) of the layer's output when its input lies in ``[lower, upper]``."""
-        raise NotImplementedError
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Pull K linear lower bounds back through the layer.
-
-        Returns ``(A_in, bias)``, shapes (N, K, \*in) and (N, K), such that
-        :math:`A \cdot g(z) \ge A_{in} \cdot z + \mathrm{bias}` for every :math:`z \in [\mathrm{lower},
-        \mathrm{upper}]` (an equality for affine layers).
-        """
-        raise NotImplementedError
-
-
-class BoundLinear(BoundOp):
-    r"""``nn.Linear``, :math:`h = Wz + b`: interval :math:`Wc + b \pm |W| r` (centre c, radius r)."""
-
-    mixing = True
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        centre = F.linear((upper + lower) / 2, self.module.weight, self.module.bias)
-        radius = F.linear((upper - lower) / 2, self.module.weight.abs())
-        return centre - radius, centre + radius
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        bias = A @ self.module.bias if self.module.bias is not None else A.new_zeros(A.shape[:2])
-        return A @ self.module.weight, bias
-
-
-class BoundConv2d(BoundOp):
-    r"""``nn.Conv2d``, :math:`h = w \star z + b`: interval :math:`w \star c + b \pm |w| \star r`.
-
-    The backward step is the transposed convolution (the convolution's input gradient).
-    """
-
-    mixing = True
-
-    def _conv(self, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        m = self.module
-        return F.conv2d(z, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        centre = self._conv((upper + lower) / 2, self.module.weight, self.module.bias)
-        radius = self._conv((upper - lower) / 2, self.module.weight.abs(), None)
-        return centre - radius, centre + radius
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        m, (n, k) = self.module, A.shape[:2]
-        A_in = torch.nn.grad.conv2d_input((n * k, *lower.shape[1:]), m.weight, A.flatten(0, 1),
-                                          m.stride, m.padding, m.dilation, m.groups)
-        bias = A.sum(dim=(-2, -1)) @ m.bias if m.bias is not None else A.new_zeros(n, k)
-        return A_in.view(n, k, *lower.shape[1:]), bias
-
-
-class BoundNormalize(BoundOp):
-    r""":class:`~robustdl.models.Normalize`, :math:`h = (z - \mu) / \sigma`, increasing in each coordinate."""
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        return self.module(lower), self.module(upper)
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        shift = self.module(torch.zeros_like(lower[:1]))  # -mu / sigma, shaped like one input
-        scale = self.module(torch.ones_like(lower[:1])) - shift  # 1 / sigma
-        return A * scale, (A * shift).flatten(2).sum(-1)
-
-
-class BoundFlatten(BoundOp):
-    """``nn.Flatten`` (of all but the batch dimension): a reshape."""
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        return lower.flatten(1), upper.flatten(1)
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        return A.reshape(*A.shape[:2], *lower.shape[1:]), A.new_zeros(A.shape[:2])
-
-
-class BoundReLU(BoundOp):
-    r"""``nn.ReLU`` and its linear relaxation, Zhang et al. (2018) :cite:`zhang2018efficient`.
-
-    On an *unstable* neuron, :math:`l < 0 < u`, CROWN bounds :math:`\mathrm{ReLU}(z)` between two lines,
-
-    .. math:: \alpha z \;\le\; \mathrm{ReLU}(z) \;\le\; \frac{u}{u - l}(z - l), \qquad
-              \alpha = \mathbb{1}[u > -l],
-
-    the upper line the chord of the triangle relaxation, the lower slope the *adaptive* choice of
-    CROWN-Ada (the one of least area). Stable neurons are exact: slope 1 if :math:`l \ge 0`,
-    0 if :math:`u \le 0`. A lower bound on :math:`A \cdot \mathrm{ReLU}(z)` takes the lower line
-    where :math:`A > 0` and the upper line where :math:`A < 0`.
-    """
-
-    affine = False
-
-    def interval(self, lower: Tensor, upper: Tensor) -> Interval:
-        return lower.clamp_min(0), upper.clamp_min(0)
-
-    @staticmethod
-    def relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The slopes of the lower and upper lines and the upper line's intercept, each shaped like ``lower``."""
-        unstable = (lower < 0) & (upper > 0)
-        chord = upper / (upper - lower).where(unstable, torch.ones_like(lower))
-        upper_slope = torch.where(unstable, chord, (lower >= 0).to(lower))
-        lower_slope = torch.where(unstable, (upper > -lower).to(lower), upper_slope)
-        return lower_slope, upper_slope, torch.where(unstable, -chord * lower, torch.zeros_like(lower))
-
-    def backward(self, A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        lower_slope, upper_slope, intercept = (t.unsqueeze(1) for t in self.relaxation(lower, upper))
-        positive, negative = A.clamp_min(0), A.clamp_max(0)
-        return positive * lower_slope + negative * upper_slope, (negative * intercept).flatten(2).sum(-1)
-
-
-_OPERATORS: dict[type, type[BoundOp]] = {
-    nn.Linear: BoundLinear,
-    nn.Conv2d: BoundConv2d,
-    nn.ReLU: BoundReLU,
-    nn.Flatten: BoundFlatten,
-    Normalize: BoundNormalize,
-}
-
-
-def _check_layer(index: int, module: nn.Module) -> nn.Module:
-    if type(module) not in _OPERATORS:
-        raise TypeError(f"bound propagation supports Linear, Conv2d, ReLU, Flatten and Normalize layers; "
-                        f"layer {index} is {type(module).__name__}: {module!r}")
-    if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-        raise TypeError(f"layer {index} {module!r}: only numeric zero padding is supported")
-    if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-        raise TypeError(f"layer {index} {module!r}: only Flatten(1, -1) is supported")
-    return module
-
-
-def layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of ``model`` in order: an ``nn.Sequential`` (nested ones flattened) or a model's ``.net``.
-
-    Raises ``TypeError`` naming the first layer that bound propagation does not support
-    (max-pooling, batch normalisation, ...).
-    """
-    net = getattr(model, "net", model)
-    if not isinstance(net, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential or have one as .net (as robustdl.models do), "
-                        f"got {type(model).__name__}")
-    flat: list[nn.Module] = []
-    for module in net:
-        flat += layers(module) if isinstance(module, nn.Sequential) else [module]
-    return [_check_layer(i, m) for i, m in enumerate(flat)]
-
-
-def operators(model: nn.Module) -> list[BoundOp]:
-    """One bound operator per layer of ``model`` (:func:`layers`)."""
-    return [_OPERATORS[type(m)](m) for m in layers(model)]
-
-
-def input_box(x: Tensor, eps: float) -> Interval:
-    r"""The box :math:`[\max(x - \epsilon, 0), \min(x + \epsilon, 1)]`: the Linf ball within [0, 1]."""
     check_images(x)
-    eps = check_nonnegative(eps, "eps")
-    return (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    return threat_model(eps).box(x)
 
 
 def _concretize(A: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
@@ -237,64 +74,151 @@ def _concretize(A: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     return (A.clamp_min(0) * lower.unsqueeze(1) + A.clamp_max(0) * upper.unsqueeze(1)).flatten(2).sum(-1)
 
 
-def _backward(ops: list[BoundOp], inputs: list[Interval], A: Tensor, box: Interval) -> Interval:
-    r"""CROWN's backward pass: bounds on :math:`A \cdot g(x)`, :math:`x \in` ``box``, for the chain ``ops``.
+def _backward(ops: list[BoundOp], inputs: list[Interval], A: Tensor) -> tuple[Tensor, Tensor]:
+    r"""CROWN's backward pass (Zhang et al. 2018, Theorem 3.2): :math:`A \cdot g(z) \ge \Lambda z + \beta` on ``ops``.
 
     ``inputs[i]`` bounds the input of ``ops[i]``; ``A`` is (N, K, \*out), or (1, K, \*out) when the
-    same for every example. The upper bound is minus the lower bound of :math:`-A`, so both run
-    as one pass of 2K rows.
+    same for every example (affine layers keep the batch dimension 1, ReLUs broadcast it to N).
+    Returns :math:`\Lambda` (N or 1, K, \*in) and :math:`\beta` (N or 1, K).
     """
-    k = A.shape[1]
-    A = torch.cat([A, -A], dim=1)
     bias = A.new_zeros(A.shape[:2])
     for op, (lower, upper) in zip(reversed(ops), reversed(inputs), strict=True):
         A, b = op.backward(A, lower, upper)
         bias = bias + b
-    bound = (_concretize(A, *box) + bias).expand(len(box[0]), -1)
-    return bound[:, :k], -bound[:, k:]
+    return A, bias
 
 
-def _identity(lower: Tensor, rows: Tensor | None = None) -> Tensor:
-    """The specification of a layer's coordinates ``rows`` (default: all m): (1, k, \\*shape).
+def _crown(ops: list[BoundOp], inputs: list[Interval], A: Tensor, ball: LpBall, x: Tensor,
+           upper: bool = True) -> tuple[Tensor, Tensor | None]:
+    r"""Bounds (N, K) on :math:`A \cdot f(x')` over the threat model: the backward pass, then :meth:`LpBall.concretise`.
 
-    Its batch dimension is 1, the same for every example: affine layers keep it so (the backward
-    pass through the last affine layers is done once for the batch), ReLUs broadcast it to N.
+    The upper bound is minus the lower bound of :math:`-A`, so both run as one pass of 2K rows;
+    with ``upper=False`` only the lower bound is computed (and ``None`` returned for the upper).
     """
-    eye = torch.eye(lower[0].numel(), dtype=lower.dtype, device=lower.device)
-    eye = eye if rows is None else eye[rows]
-    return eye.view(1, len(eye), *lower.shape[1:])
+    k = A.shape[1]
+    Lambda, beta = _backward(ops, inputs, torch.cat([A, -A], dim=1) if upper else A)
+    bound = ball.concretise(Lambda, x) + beta
+    return bound[:, :k], -bound[:, k:] if upper else None
 
 
-def _tighten(ops: list[BoundOp], inputs: list[Interval], bounds: Interval, box: Interval) -> Interval:
-    """Intersect ``bounds`` of the output of ``ops`` with CROWN's, run for the neurons they leave unstable.
+def _identity(shape: torch.Size, rows: Tensor, like: Tensor) -> Tensor:
+    """The specification of a layer's coordinates ``rows`` (one-hot rows), shape (1, len(rows), \\*shape)."""
+    eye = like.new_zeros(len(rows), shape.numel()).scatter_(1, rows.unsqueeze(1), 1.0)
+    return eye.view(1, len(rows), *shape)
 
-    A neuron stable for every example of the batch stays as it is: bounding it again would not
-    change a ReLU's relaxation, and CROWN's cost grows with the number of neurons bounded.
+
+def _affine_tail(ops: list[BoundOp]) -> int:
+    """Where the chain's last run of affine layers starts: ``ops[i:]`` are all affine."""
+    i = len(ops)
+    while i and ops[i - 1].affine:
+        i -= 1
+    return i
+
+
+def _dense_rows(ops: list[BoundOp], inputs: list[Interval], union: Tensor, order: Tensor, sign: float,
+                ball: LpBall, x: Tensor, shape: torch.Size) -> Tensor:
+    r"""CROWN's lower bounds (N, m) on :math:`\mathrm{sign} \cdot z_j` for each example's neurons ``union[order]``.
+
+    The identity rows of the ``union`` go through the last affine layers once for the whole batch;
+    then each example keeps its own rows only (``order``, (N, m)), so that the costly part of the
+    pass, through the ReLUs below, grows with the neurons of each example, not of the batch.
     """
+    split = _affine_tail(ops)
+    A, beta = _backward(ops[split:], inputs[split:], sign * _identity(shape, union, x))
+    Lambda, b = _backward(ops[:split], inputs[:split], A[0][order])
+    return ball.concretise(Lambda, x) + beta[0][order] + b
+
+
+def _local(ops: list[BoundOp]) -> bool:
+    """Whether ``ops`` end in a convolution and keep each of its neurons' rows local (Conv2d, ReLU, Normalize only)."""
+    return isinstance(ops[-1], BoundConv2d) and all(op.local for op in ops)
+
+
+def _patch_rows(ops: list[BoundOp], inputs: list[Interval], neurons: Tensor, sign: float, ball: LpBall, x: Tensor,
+                shape: torch.Size) -> Tensor:
+    r"""The bounds of :func:`_dense_rows` for the neurons (N, m) of a convolution above local layers (:func:`_local`).
+
+    Each row is kept as the window of its receptive field (:class:`~robustdl.verify.patches.Patches`):
+    the same backward pass, :math:`\Lambda \leftarrow \Lambda W` and the ReLUs' lines, on the window alone.
+    """
+    A, bias = Patches.of_conv(ops[-1].module, neurons, shape, inputs[-1][0].shape[1:], sign)
+    for op, (lower, upper) in zip(reversed(ops[:-1]), reversed(inputs[:-1]), strict=True):
+        A, b = op.backward_patches(A, lower, upper)
+        bias = bias + b
+    return A.concretise(ball, x) + bias
+
+
+def _neuron_bounds(ops: list[BoundOp], inputs: list[Interval], rows: Tensor, sign: float, ball: LpBall,
+                   x: Tensor, shape: torch.Size) -> Tensor:
+    r"""CROWN's lower bounds on :math:`\mathrm{sign} \cdot z_j` for the neurons ``rows`` (N, m) of each example.
+
+    ``z`` (of ``shape`` per example) is the output of ``ops``. Returns (N, m), ``-inf`` where ``rows``
+    is False. Each example bounds its own neurons only (padded to the largest count): with each
+    row kept as its window (:func:`_patch_rows`) for a convolution's neurons above local layers,
+    else with dense rows (:func:`_dense_rows`).
+    """
+    out = torch.full(rows.shape, -math.inf, dtype=x.dtype, device=x.device)
+    union = rows.any(dim=0).nonzero().squeeze(1)
+    if not len(union):
+        return out
+    picked = rows[:, union]
+    count = picked.sum(dim=1)
+    order = torch.argsort((~picked).to(torch.int8), dim=1, stable=True)[:, :int(count.max())]  # own rows first
+    if _local(ops):
+        bound = _patch_rows(ops, inputs, union[order], sign, ball, x, shape)
+    else:
+        bound = _dense_rows(ops, inputs, union, order, sign, ball, x, shape)
+    valid = torch.arange(order.shape[1], device=x.device) < count.unsqueeze(1)
+    return out.scatter_(1, union[order], bound.where(valid, out[:, :1]))
+
+
+def _tighten(ops: list[BoundOp], inputs: list[Interval], bounds: Interval, ball: LpBall, x: Tensor) -> Interval:
+    """Intersect ``bounds`` of the output of ``ops`` with CROWN's, for the neurons they leave unstable.
+
+    Stable neurons stay as they are: bounding them again would not change a ReLU's relaxation, and
+    CROWN's cost grows with the number of neurons bounded. Upper bounds come first; a neuron CROWN
+    proves inactive (upper bound <= 0) needs no lower bound (its ReLU is 0 whatever it is), so it
+    keeps the interval's.
+    """
+    shape = bounds[0].shape[1:]
     lower, upper = (b.flatten(1) for b in bounds)
-    rows = ((lower < 0) & (upper > 0)).any(dim=0).nonzero().squeeze(1)
-    if not len(rows):
-        return bounds
-    crown_lower, crown_upper = _backward(ops, inputs, _identity(bounds[0], rows), box)
-    lower, upper = lower.clone(), upper.clone()
-    lower[:, rows] = torch.maximum(lower[:, rows], crown_lower)
-    upper[:, rows] = torch.minimum(upper[:, rows], crown_upper)
+    unstable = (lower < 0) & (upper > 0)
+    upper = torch.minimum(upper, -_neuron_bounds(ops, inputs, unstable, -1.0, ball, x, shape))
+    lower = torch.maximum(lower, _neuron_bounds(ops, inputs, unstable & (upper > 0), 1.0, ball, x, shape))
     return lower.view_as(bounds[0]), upper.view_as(bounds[1])
 
 
-def _propagate(ops: list[BoundOp], box: Interval, crown: bool) -> tuple[list[Interval], Interval]:
+def _exact_affine(ops: list[BoundOp], inputs: list[Interval], bounds: Interval, ball: LpBall, x: Tensor) -> Interval:
+    r"""Exact bounds on the output of an affine chain ``ops`` (the first linear/conv layer and what precedes it).
+
+    Each output :math:`w_j \cdot x' + b_j` is bounded over the threat model by :meth:`LpBall.concretise`:
+    through the dual norm of the row :math:`w_j`, and over the box (the interval ``bounds``).
+    """
+    shape = bounds[0].shape[1:]
+    Lambda, beta = _backward(ops, inputs, _identity(shape, torch.arange(shape.numel(), device=x.device), x))
+    lower = ball.concretise(Lambda, x) + beta
+    upper = -ball.concretise(-Lambda, x) + beta
+    return lower.view_as(bounds[0]), upper.view_as(bounds[1])
+
+
+def _propagate(ops: list[BoundOp], ball: LpBall, x: Tensor, crown: bool) -> tuple[list[Interval], Interval]:
     """Bounds on every layer's input, and on the output, by IBP, tightened by CROWN at ReLUs if ``crown``.
 
-    CROWN bounds a ReLU's input only where interval arithmetic is not already exact, i.e. when
-    two or more mixing layers lie below it; there the bounds are the intersection of both (each sound).
+    The first mixing layer's outputs are exact functions of the input set: interval arithmetic is
+    exact there for a box (Linf); for another ball they are concretised through the dual norm
+    (:func:`_exact_affine`). CROWN bounds a ReLU's input only when two or more mixing layers lie
+    below it; there the bounds are the intersection of both (each sound).
     """
     inputs: list[Interval] = []
-    bounds = box
+    bounds, mixing = ball.box(x), 0
     for i, op in enumerate(ops):
-        if crown and not op.affine and sum(o.mixing for o in ops[:i]) > 1:
-            bounds = _tighten(ops[:i], inputs, bounds, box)
+        if crown and not op.affine and mixing > 1:
+            bounds = _tighten(ops[:i], inputs, bounds, ball, x)
         inputs.append(bounds)
         bounds = op.interval(*bounds)
+        mixing += op.mixing
+        if op.mixing and mixing == 1 and ball.p != math.inf:  # a box: interval arithmetic is already exact
+            bounds = _exact_affine(ops[:i + 1], inputs, bounds, ball, x)
     return inputs, bounds
 
 
@@ -307,7 +231,7 @@ def _check_spec(spec: Tensor | None, x: Tensor, classes: int) -> Tensor | None:
     return spec.to(x.dtype)
 
 
-def interval_bounds(model: nn.Module, x: Tensor, eps: float, spec: Tensor | None = None) -> Interval:
+def interval_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tensor | None = None) -> Interval:
     r"""Interval bound propagation, Gowal et al. (2018) :cite:`gowal2018effectiveness` (eq. 6).
 
     Each layer maps the box of its input to the box of its output: for an affine layer with centre
@@ -315,15 +239,17 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: float, spec: Tensor | None
 
     .. math:: \underline{h} = Wc + b - |W| r, \qquad \overline{h} = Wc + b + |W| r,
 
-    and a ReLU clamps both ends. Bounds on :math:`f(x')` (N, C) for every :math:`x'` in the Linf ball of
-    radius ``eps`` around ``x`` within [0, 1]. With ``spec`` :math:`C` (N, K, C), bounds (N, K) on
+    and a ReLU clamps both ends. Bounds on :math:`f(x')` (N, C) for every :math:`x'` in the threat
+    model ``eps``: an :class:`~robustdl.threat.LpBall`, or a bare radius for the Linf ball, within
+    [0, 1]. For an L2 or L1 ball the first linear/conv layer is bounded through the dual norm of
+    its rows, :math:`Wx + b \pm \epsilon \|W_j\|_q` (and the box, whichever is tighter); the later
+    layers by intervals. With ``spec`` :math:`C` (N, K, C), bounds (N, K) on
     :math:`C f(x')`; the specification is merged into the last affine layer first,
     :math:`(CW, Cb)`, as Gowal et al. do, which is tighter than bounding :math:`C` over the logits' box.
     Differentiable: :func:`robustdl.train.certified.ibp_loss` trains through it.
     """
-    ops = operators(model)
-    box = input_box(x, eps)
-    inputs, (lower, upper) = _propagate(ops, box, crown=False)
+    ops, ball = operators(model), threat_model(eps)
+    inputs, (lower, upper) = _propagate(ops, ball, check_images(x), crown=False)
     spec = _check_spec(spec, x, lower.shape[1])
     if spec is None:
         return lower, upper
@@ -333,18 +259,23 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: float, spec: Tensor | None
     return _concretize(spec, lower, upper), -_concretize(-spec, lower, upper)
 
 
-def crown_bounds(model: nn.Module, x: Tensor, eps: float, spec: Tensor | None = None,
-                 intermediate: str = "crown") -> Interval:
+def crown_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tensor | None = None,
+                 intermediate: str = "crown", upper: bool = True) -> tuple[Tensor, Tensor | None]:
     r"""CROWN, Zhang et al. (2018) :cite:`zhang2018efficient` (Theorem 3.2), with CROWN-Ada's lower slope.
 
     Going backwards from the specification :math:`\Lambda = C`, each affine layer maps
     :math:`\Lambda \leftarrow \Lambda W` (collecting :math:`\Lambda b`) and each ReLU replaces itself by
     one of its two lines (:class:`BoundReLU`), so that :math:`C f(x') \ge \Lambda x' + \beta` on the
-    whole box; the linear function is then bounded exactly over the box,
+    whole input set; the linear function is then bounded over the set (:meth:`LpBall.concretise`):
+    over the box :math:`[\underline{x}, \overline{x}]` (exact for Linf) and, for an L2 or L1 ball,
+    through the dual norm, keeping the tighter,
 
-    .. math:: \underline{m} = \Lambda^+ \underline{x} + \Lambda^- \overline{x} + \beta.
+    .. math:: \underline{m} = \max\big(\Lambda^+ \underline{x} + \Lambda^- \overline{x},\;
+              \Lambda x - \epsilon \|\Lambda\|_q\big) + \beta.
 
-    The upper bound is minus the lower bound of :math:`-C`. The relaxation of each ReLU needs bounds
+    ``eps`` is an :class:`~robustdl.threat.LpBall` or a bare radius (the Linf ball).
+    The upper bound is minus the lower bound of :math:`-C` (``upper=False`` skips it and returns
+    ``None`` in its place). The relaxation of each ReLU needs bounds
     on its input: with ``intermediate="crown"`` (the default, the paper's) they come from CROWN
     itself, run for the neurons that interval arithmetic leaves unstable (and intersected with the
     interval bounds); with ``"ibp"`` from interval arithmetic, the cheaper choice of CROWN-IBP
@@ -354,23 +285,26 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float, spec: Tensor | None = 
     """
     if intermediate not in ("crown", "ibp"):
         raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
-    ops = operators(model)
-    box = input_box(x, eps)
-    inputs, (lower, _) = _propagate(ops, box, crown=intermediate == "crown")
+    ops, ball = operators(model), threat_model(eps)
+    inputs, (lower, _) = _propagate(ops, ball, check_images(x), crown=intermediate == "crown")
     spec = _check_spec(spec, x, lower.shape[1])
-    return _backward(ops, inputs, _identity(lower) if spec is None else spec, box)
+    if spec is None:
+        spec = _identity(lower.shape[1:], torch.arange(lower.shape[1], device=x.device), x)
+    return _crown(ops, inputs, spec, ball, x, upper)
 
 
-def preactivation_bounds(model: nn.Module, x: Tensor, eps: float, method: str = "crown") -> list[Interval]:
+def preactivation_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, method: str = "crown") -> list[Interval]:
     """Bounds on the input of every ReLU of ``model`` (in order), by ``method`` ``"crown"`` or ``"ibp"``.
 
     Neurons with lower bound >= 0 or upper bound <= 0 are *stable* over the ball; the others are
-    the ones a relaxation (or a mixed-integer program's binary variable) must handle.
+    the ones a relaxation (or a mixed-integer program's binary variable) must handle. With CROWN,
+    only the neurons interval arithmetic leaves unstable are tightened, and a neuron proved
+    inactive keeps its interval lower bound (:func:`_tighten`).
     """
     if method not in ("crown", "ibp"):
         raise ValueError(f"method must be 'crown' or 'ibp', got {method!r}")
     ops = operators(model)
-    inputs, _ = _propagate(ops, input_box(x, eps), crown=method == "crown")
+    inputs, _ = _propagate(ops, threat_model(eps), check_images(x), crown=method == "crown")
     return [bounds for op, bounds in zip(ops, inputs, strict=True) if isinstance(op, BoundReLU)]
 
 
@@ -387,40 +321,43 @@ def margin_spec(y: Tensor, classes: int) -> Tensor:
     return rows[others].view(len(y), classes - 1, classes)
 
 
-Margin = Callable[[nn.Module, Tensor, Tensor, float], Tensor]
+#: A margin bound: ``(model, x, y, eps) -> `` lower bounds (N, C-1); ``eps`` a radius or an ``LpBall``.
+Margin = Callable[[nn.Module, Tensor, Tensor, "float | LpBall"], Tensor]
 
 
-def _margin(bounds: Callable[..., Interval], model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+def _margin(bounds: Callable[..., tuple[Tensor, Tensor | None]], model: nn.Module, x: Tensor, y: Tensor,
+            eps: float | LpBall, **options: bool) -> Tensor:
     check_labels(y, check_images(x))
     with torch.no_grad():
         classes = model(x[:1]).shape[1]
-    return bounds(model, x, eps, spec=margin_spec(y, classes))[0]
+    return bounds(model, x, eps, spec=margin_spec(y, classes), **options)[0]
 
 
-def ibp_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+def ibp_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall) -> Tensor:
     r"""IBP lower bounds (N, C-1) on the margins :math:`f_y(x') - f_j(x')`, :math:`j \ne y`, over the ball."""
     return _margin(interval_bounds, model, x, y, eps)
 
 
-def crown_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+def crown_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall) -> Tensor:
     r"""CROWN lower bounds (N, C-1) on the margins :math:`f_y(x') - f_j(x')`, :math:`j \ne y`, over the ball."""
-    return _margin(crown_bounds, model, x, y, eps)
+    return _margin(crown_bounds, model, x, y, eps, upper=False)
 
 
-def certified(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: Margin = crown_margin) -> Tensor:
+def certified(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall, bound: Margin = crown_margin) -> Tensor:
     """Whether every margin's lower bound is positive (N,) bool: no input in the ball changes the label from y."""
     return (bound(model, x, y, eps) > 0).all(dim=1)
 
 
-def certified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: Margin = crown_margin,
+def certified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall, bound: Margin = crown_margin,
                        batch_size: int = 50) -> float:
-    """The fraction of examples certified correct at radius ``eps`` (a lower bound on robust accuracy).
+    """The fraction of examples certified correct in the threat model ``eps`` (a lower bound on robust accuracy).
 
     An example counts only if it is classified as ``y`` everywhere in its ball; bounds run without
     gradients, ``batch_size`` examples at a time (CROWN's memory grows with the batch).
     """
     check_labels(y, check_images(x))
     check_positive_int(batch_size, "batch_size")
+    threat_model(eps)  # a bad eps fails here, before any batch
     with torch.no_grad():
         hits = sum(int(certified(model, x[i:i + batch_size], y[i:i + batch_size], eps, bound).sum())
                    for i in range(0, len(x), batch_size))

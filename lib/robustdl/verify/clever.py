@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_nonnegative, check_positive_int
-from robustdl.attacks._core import check_inputs, eval_mode, logits_of
+from robustdl._model import check_inputs, eval_mode, logits_of
 from robustdl.threat import LpBall
 
-__all__ = ["clever", "reverse_weibull_location"]
+__all__ = ["clever", "clever_one", "reverse_weibull_location"]
 
 #: Initial shape parameters of the maximum-likelihood fits; the best fit by the Kolmogorov-Smirnov
 #: p-value wins. The authors try seven (0.1 to 100), ART one (1); on MNIST maxima the starts 1 to
@@ -96,11 +96,36 @@ def _margin_gradient_norms(model: nn.Module, points: Tensor, y: int, others: lis
     return torch.stack(norms)
 
 
-def _clever_one(
+def clever_one(
     model: nn.Module, x0: Tensor, y: int, others: list[int], ball: LpBall, batches: int, samples: int,
     generator: torch.Generator | None,
 ) -> float:
-    """CLEVER of one example (shape (1, ...)) against the classes ``others``: min over them."""
+    r"""The CLEVER score of one example against the classes ``others``: Weng et al. (2018) Algorithm 1.
+
+    :cite:`weng2018evaluating`. For each :math:`j` in ``others``: ``batches`` batches of ``samples``
+    points uniform in ``ball`` around ``x0``, each batch's largest :math:`\|\nabla g_j\|_q`, and the
+    location :math:`\hat L_q^j` of a reverse Weibull fit to those maxima
+    (:func:`reverse_weibull_location`); then
+
+    .. math:: \mathrm{CLEVER} = \min\Big(\max\big(\min_{j} \frac{g_j(x_0)}{\hat L_q^j}, 0\big), R\Big),
+              \qquad g_j = f_y - f_j,\; R = \text{ball.eps}.
+
+    The building block of :func:`clever`, which checks the arguments and puts the model in eval
+    mode; this evaluates the model as it is. Taught in the chapter *Statistical evaluation*
+    (book/05-verification/statistical.ipynb).
+
+    Args:
+        model: returns logits.
+        x0: one example, shape (1, ...), in [0, 1].
+        y: its label; ``others``: the classes :math:`j \ne y` to take the minimum over.
+        ball: the :class:`~robustdl.threat.LpBall` the points are drawn from (its dual norm measures
+            the gradients).
+        batches, samples: :math:`N_b` and :math:`N_s`.
+        generator: the random draws' generator.
+
+    Returns:
+        The score, in :math:`[0, R]`.
+    """
     batch_maxima = []
     for _ in range(batches):
         points = ball.random(x0.expand(samples, *x0.shape[1:]), generator=generator)
@@ -164,6 +189,6 @@ def clever(
         for i in range(len(x)):
             label = int(y[i])
             others = [int(target[i])] if target is not None else [j for j in range(classes) if j != label]
-            scores.append(_clever_one(model, x[i : i + 1], label, others, ball, batches, samples, generator))
+            scores.append(clever_one(model, x[i : i + 1], label, others, ball, batches, samples, generator))
     return torch.tensor(scores, dtype=x.dtype, device=x.device)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_nonnegative, check_positive_int
-from robustdl.attacks._core import check_model, eval_mode
+from robustdl._model import check_model, eval_mode
 
 __all__ = [
     "ActivationProfile",

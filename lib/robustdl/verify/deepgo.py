@@ -43,10 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_nonnegative, check_positive_int
-from robustdl.attacks._core import check_model, eval_mode
+from robustdl._model import check_model, eval_mode
+from robustdl.losses import goal_margin
 
 __all__ = [
     "Bounds",
+    "Level",
     "SafetyResult",
     "logit_of",
     "minimise",
@@ -54,6 +56,8 @@ __all__ = [
     "probability_of",
     "reachability",
     "safety",
+    "sawtooth_minima",
+    "search_1d",
 ]
 
 #: An output function ``o``: logits of shape (1, m) to one value (the paper's Lipschitz ``o``).
@@ -97,8 +101,15 @@ class Bounds:
 
 
 @dataclass(frozen=True)
-class _Level:
-    """What one one-dimensional search reports to the level above it."""
+class Level:
+    r"""What one one-dimensional search (:func:`search_1d`) reports to the level above it.
+
+    Attributes:
+        lower, upper: :math:`l \le \min_{[a, b]} \phi \le u`; equal for an exact value.
+        argmin: the point (of every dimension so far) where ``upper`` is attained.
+        history: the pairs :math:`(l_i, u_i)` of the search, empty for an exact value.
+        lipschitz: the constant ``K`` the search ended with (0 for an exact value).
+    """
 
     lower: float
     upper: float
@@ -107,12 +118,27 @@ class _Level:
     lipschitz: float
 
 
-def _sawtooth_minima(ys: np.ndarray, lows: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
-    r"""Per interval :math:`[y_j, y_{j+1}]`: the minimiser :math:`y^\ast` and minimum :math:`z_j` of
-    :math:`\max(l_j - K|x - y_j|, l_{j+1} - K|x - y_{j+1}|)`.
+def sawtooth_minima(ys: np.ndarray, lows: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""The minima of the saw-tooth lower bound between samples: Ruan et al. (2018) Eq. 9-10, Piyavskii's rule.
+
+    :cite:`ruan2018reachability`, :cite:`piyavskii1972algorithm`. Per interval
+    :math:`[y_j, y_{j+1}]`, the minimiser :math:`y^\ast` and minimum :math:`z_j` of
+    :math:`\max(l_j - K|x - y_j|, l_{j+1} - K|x - y_{j+1}|)`:
+
+    .. math:: y^\ast = \frac{y_j + y_{j+1}}{2} + \frac{l_j - l_{j+1}}{2K}, \qquad
+              z_j = \max(l_j - K (y^\ast - y_j),\, l_{j+1} - K (y_{j+1} - y^\ast)).
 
     The crossing point is clipped into the interval, which covers bounds ``l_j`` that differ by
     more than :math:`K (y_{j+1} - y_j)` (inner levels report intervals, not exact values).
+    Taught in the chapter *Converging bounds* (book/05-verification/converging-bounds.ipynb).
+
+    Args:
+        ys: the sorted samples :math:`y_0 < \dots < y_i`, shape (m,).
+        lows: the lower bounds :math:`l_j` of the function at them (its values, at the innermost level), (m,).
+        k: the Lipschitz constant :math:`K > 0`.
+
+    Returns:
+        ``(t, z)``, each of shape (m - 1,): the minimiser and the minimum of each interval.
     """
     left, right = ys[:-1], ys[1:]
     t = np.clip((left + right) / 2 + (lows[:-1] - lows[1:]) / (2 * k), left, right)
@@ -125,18 +151,38 @@ def _slope_estimate(ys: np.ndarray, ups: np.ndarray) -> float:
     return float(np.max(np.abs(np.diff(ups)) / np.diff(ys)))
 
 
-def _search_1d(
-    phi: Callable[[float], _Level],
+def search_1d(
+    phi: Callable[[float], Level],
     a: float,
     b: float,
     tol: float,
     lipschitz: float | None,
     max_evals: int,
-) -> _Level:
-    """Piyavskii's search of one dimension; ``phi(t)`` bounds the minimum over the inner ones."""
+) -> Level:
+    r"""Bound :math:`\min_{t \in [a, b]} \phi(t)` by Piyavskii's search: one level of Ruan et al. (2018) Eq. 6-10.
+
+    :cite:`ruan2018reachability`. After samples :math:`\mathcal{Y}_i` the bounds are (Eq. 8-10)
+    :math:`l_i = \min_j z_j` (:func:`sawtooth_minima`) and :math:`u_i = \min_{y \in \mathcal{Y}_i}
+    \phi(y)`; the next sample is the minimiser :math:`y^\ast` of the interval with the lowest
+    :math:`z_j`. ``phi(t)`` reports an interval (:class:`Level`): the bounds of the inner
+    dimensions' minimum at ``t`` (:func:`minimise` nests the searches), or an exact value.
+    Taught in the chapter *Converging bounds* (book/05-verification/converging-bounds.ipynb).
+
+    Args:
+        phi: the function of one variable, returning a :class:`Level`.
+        a, b: the interval, :math:`a \le b`.
+        tol: stop when :math:`u_i - l_i \le` ``tol``.
+        lipschitz: a Lipschitz constant ``K`` of ``phi``, or None to estimate it from the observed
+            slopes (:data:`SAFETY_FACTOR` times the largest, never decreasing).
+        max_evals: stop after this many evaluations of ``phi``.
+
+    Returns:
+        A :class:`Level`: the last bounds, where the upper one is attained, the history
+        :math:`(l_i, u_i)` and the final ``K``.
+    """
     if b - a <= 0:
         only = phi(a)
-        return _Level(only.lower, only.upper, only.argmin, ((only.lower, only.upper),), 0.0)
+        return Level(only.lower, only.upper, only.argmin, ((only.lower, only.upper),), 0.0)
     # The ends alone can show no slope (|x| on [-1, 1]): start from the ends and the midpoint.
     ys = np.array([a, (a + b) / 2, b])
     found = [phi(y) for y in ys]
@@ -144,13 +190,13 @@ def _search_1d(
     k, history = 0.0, []
     while True:
         k = lipschitz if lipschitz is not None else max(k, SAFETY_FACTOR * _slope_estimate(ys, ups), _MIN_LIPSCHITZ)
-        t, z = _sawtooth_minima(ys, lows, k)
+        t, z = sawtooth_minima(ys, lows, k)
         j, best = int(z.argmin()), int(ups.argmin())
         lower, upper = float(z[j]), float(ups[best])
         history.append((lower, upper))
         stuck = not ys[j] < t[j] < ys[j + 1]  # inner bounds too loose to split this interval further
         if upper - lower <= tol or ys.size >= max_evals or stuck:
-            return _Level(lower, upper, found[best].argmin, tuple(history), k)
+            return Level(lower, upper, found[best].argmin, tuple(history), k)
         new = phi(float(t[j]))
         found.insert(j + 1, new)
         ys, lows, ups = np.insert(ys, j + 1, t[j]), np.insert(lows, j + 1, new.lower), np.insert(ups, j + 1, new.upper)
@@ -219,8 +265,8 @@ def minimise(
     samples: list[np.ndarray] = []
     values: list[float] = []
 
-    def level(k: int, prefix: tuple[float, ...]) -> _Level:
-        def phi(t: float) -> _Level:
+    def level(k: int, prefix: tuple[float, ...]) -> Level:
+        def phi(t: float) -> Level:
             point = (*prefix, t)
             if k == n - 1:
                 x = np.array(point)
@@ -229,10 +275,10 @@ def minimise(
                     raise ValueError(f"fn must return finite values, got {value} at {x}")
                 samples.append(x)
                 values.append(value)
-                return _Level(value, value, x, (), 0.0)
+                return Level(value, value, x, (), 0.0)
             return level(k + 1, point)
 
-        return _search_1d(phi, float(lo[k]), float(hi[k]), tol * (n - k) / n, constants[k], max_evals)
+        return search_1d(phi, float(lo[k]), float(hi[k]), tol * (n - k) / n, constants[k], max_evals)
 
     top = level(0, ())
     return Bounds(top.lower, top.upper, top.argmin, top.history, np.array(samples), np.array(values), top.lipschitz)
@@ -253,12 +299,13 @@ def oplus(j: int) -> OutputFn:
 
     Negative exactly where ``j`` keeps the largest logit. The seed takes the maximum over all
     ``i``, which includes :math:`c_j - c_j = 0`, so its :math:`\oplus \ge 0` and safety reads
-    :math:`u(\oplus, X', \epsilon) \le 0`; leaving ``i = j`` out keeps the sign informative.
+    :math:`u(\oplus, X', \epsilon) \le 0`; leaving ``i = j`` out keeps the sign informative. It is
+    minus the :func:`~robustdl.losses.goal_margin` of the untargeted goal away from ``j``.
     """
-    def margin(logits: Tensor) -> Tensor:
-        return (logits - logits[:, j : j + 1]).index_fill(1, torch.tensor([j], device=logits.device), -math.inf).amax(1)
+    def safety(logits: Tensor) -> Tensor:
+        return -goal_margin(logits, logits.new_full((len(logits),), j, dtype=torch.long))
 
-    return margin
+    return safety
 
 
 def _check_single(model: object, x: object, dims: Sequence[int], radius: object) -> tuple[Tensor, list[int], float]:

@@ -28,9 +28,10 @@ from scipy.sparse import lil_array
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_labels, check_nonnegative
-from robustdl.verify.bounds import crown_margin, input_box, layers, preactivation_bounds
+from robustdl.verify.bounds import crown_margin, input_box, preactivation_bounds
+from robustdl.verify.operators import layers
 
-__all__ = ["MarginResult", "exact_margin", "exact_min_margin"]
+__all__ = ["MarginResult", "Program", "exact_margin", "exact_min_margin"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,19 @@ def _affine_map(modules: list[nn.Module], shape: tuple[int, ...]) -> tuple[np.nd
     return (out[1:] - out[0]).T, out[0]
 
 
-class _Program:
-    """Variables (input, then each ReLU layer's outputs and binaries) and constraints, built layer by layer."""
+class Program:
+    r"""A mixed-integer linear program built layer by layer: Tjeng et al. (2019), Sec. 3.
+
+    :cite:`tjeng2019evaluating`. The variables are the input (bounded by the box), then each
+    ReLU layer's outputs and one binary per unstable neuron; the constraints are rows
+    ``lower <= coefficients @ variables <= upper``. :meth:`relu_layer` adds a layer with the
+    exact encoding of the module docstring; :meth:`solver` minimises a linear objective over the
+    program with HiGHS. :func:`exact_margin` builds one per example. Taught in the chapter
+    *Linear relaxations and certified training* (book/05-verification/linear-relaxations.ipynb).
+
+    Args:
+        lower, upper: the bounds of the input variables, shape (n,).
+    """
 
     def __init__(self, lower: np.ndarray, upper: np.ndarray) -> None:
         self.lower, self.upper, self.integer = list(lower), list(upper), [0] * len(lower)
@@ -133,7 +145,7 @@ def exact_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float, time_limit:
         relu_bounds = preactivation_bounds(net, x64, eps)
     blocks = _blocks(list(net))
 
-    program, prev, shape = _Program(box_lower, box_upper), np.arange(len(box_lower)), tuple(x.shape[1:])
+    program, prev, shape = Program(box_lower, box_upper), np.arange(len(box_lower)), tuple(x.shape[1:])
     for block, (lower, upper) in zip(blocks, relu_bounds, strict=False):  # the last block has no ReLU
         W, b = _affine_map(block, shape)
         prev = program.relu_layer(prev, W, b, lower.flatten().numpy(), upper.flatten().numpy())

@@ -26,11 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_fraction, check_nonnegative, check_positive_int
+from robustdl._model import check_inputs, eval_mode, logits_of
 from robustdl._random import integers, uniform
-from robustdl.attacks._core import check_inputs, eval_mode, logits_of, margin
-from robustdl.threat import per_example
+from robustdl.losses import goal_margin
+from robustdl.threat import LpBall, per_example
 
-__all__ = ["MonteCarloResult", "SplittingResult", "multilevel_splitting", "naive_monte_carlo", "violation"]
+__all__ = ["MonteCarloResult", "SplittingResult", "mh_step", "multilevel_splitting", "naive_monte_carlo", "violation"]
 
 #: Each chain's proposal half-width starts at this fraction of ``eps`` (the authors' code: 1/30).
 INITIAL_WIDTH = 1 / 30
@@ -44,8 +45,12 @@ WIDEN = math.exp(0.3)
 NARROW = math.exp(-0.3 * TARGET_ACCEPTANCE / (1 - TARGET_ACCEPTANCE))
 
 def violation(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    r"""The property :math:`s(x) = \max_{j \ne y} f_j(x) - f_y(x)`, shape (N,); a violation is :math:`s \ge 0`."""
-    return -margin(logits_of(model, x), y)
+    r"""The property :math:`s(x) = \max_{j \ne y} f_j(x) - f_y(x)`, shape (N,); a violation is :math:`s \ge 0`.
+
+    Minus the :func:`~robustdl.losses.goal_margin` of the untargeted goal: a violation is an
+    input at or past the decision boundary (ties count as violations).
+    """
+    return -goal_margin(logits_of(model, x), y)
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,6 @@ class MonteCarloResult:
         return math.log(self.hits / self.samples) if self.hits else -math.inf
 
 
-def _box(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-
-
 def _uniform(lo: Tensor, hi: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` points uniform on the box [lo, hi] (shape (1, ...)): not :meth:`LpBall.random`, which clips."""
     u = uniform((n, *lo.shape[1:]), lo, generator)
@@ -109,7 +110,7 @@ def naive_monte_carlo(
     r"""Count violations :math:`s(x') \ge 0` among ``samples`` draws uniform on the eps-box around ``x`` (1, ...)."""
     eps = _check(model, x, y, eps)
     samples, batch_size = check_positive_int(samples, "samples"), check_positive_int(batch_size, "batch_size")
-    lo, hi = _box(x, eps)
+    lo, hi = LpBall(math.inf, eps).box(x)
     hits = 0
     with eval_mode(model), torch.no_grad():
         for start in range(0, samples, batch_size):
@@ -124,14 +125,30 @@ def _log_window(z: Tensor, width: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return (torch.minimum(z + w, hi) - torch.maximum(z - w, lo)).log().flatten(1).sum(dim=1)
 
 
-def _mh_step(
+def mh_step(
     model: nn.Module, z: Tensor, s: Tensor, y: Tensor, level: float, width: Tensor, lo: Tensor, hi: Tensor,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""One Metropolis-Hastings move per particle targeting the uniform law on :math:`B \cap \{s \ge L\}`.
 
-    The proposal is uniform on the window :math:`W(z)`; the target is flat, so the acceptance
-    probability is :math:`\min(1, |W(z)| / |W(z')|)` when :math:`s(z') \ge L`, and 0 otherwise.
+    :cite:`webb2019statistical`, the move of their Algorithm 1 (the refresh of step 4). The
+    proposal :math:`z'` is uniform on the window :math:`W(z) = [z - w, z + w] \cap [lo, hi]`; the
+    target is flat, so the Hastings ratio is that of the windows' volumes:
+
+    .. math:: \alpha(z \to z') = \min\Big(1, \frac{|W(z)|}{|W(z')|}\Big)\,\mathbb{1}[s(z') \ge L].
+
+    Taught in the chapter *Statistical evaluation* (book/05-verification/statistical.ipynb).
+
+    Args:
+        model: returns logits; evaluated as it is (:func:`multilevel_splitting` sets eval mode).
+        z: the particles, shape (N, ...); ``s``: their values :func:`violation` (N,).
+        y: the labels, (N,); ``level``: :math:`L`.
+        width: each particle's half-width :math:`w`, (N,).
+        lo, hi: the box :math:`B`, broadcastable to ``z``.
+        generator: the random draws' generator.
+
+    Returns:
+        ``(z, s, accepted)``: the particles after the move, their values, and which moved (N,).
     """
     w = per_example(width, z)
     low, high = torch.maximum(z - w, lo), torch.minimum(z + w, hi)
@@ -167,7 +184,7 @@ def multilevel_splitting(
        ``-inf`` if none survive or :math:`\log \hat{\mathcal{I}} <` ``log_min_prob``;
     4. if :math:`L_k = 0`, return :math:`\log \hat{\mathcal{I}}`; else replace the others by
        copies of uniformly chosen survivors and run ``mh_steps`` Metropolis-Hastings moves
-       (:func:`_mh_step`) above :math:`L_k`, each chain's width adapted to its acceptance rate
+       (:func:`mh_step`) above :math:`L_k`, each chain's width adapted to its acceptance rate
        (:data:`TARGET_ACCEPTANCE`), and go to 2.
 
     ``x`` holds one example (1, ...) and ``y`` its label (1,). The estimate is unbiased for
@@ -179,7 +196,7 @@ def multilevel_splitting(
     rho = check_fraction(quantile, "quantile")
     if not 0 < rho < 1:
         raise ValueError(f"quantile must lie strictly between 0 and 1, got {quantile}")
-    lo, hi = _box(x, eps)
+    lo, hi = LpBall(math.inf, eps).box(x)
     labels = y.expand(n)
     log_prob, levels, level = 0.0, [], -math.inf
     width = torch.full((n,), eps * INITIAL_WIDTH, dtype=x.dtype, device=x.device)
@@ -204,7 +221,7 @@ def multilevel_splitting(
                                survivors[integers(0, len(survivors), (n,), x.device, generator)])
             z, s, width = z[pick], s[pick], width[pick]
             for _ in range(steps):
-                z, s, accept = _mh_step(model, z, s, labels, level, width, lo, hi, generator)
+                z, s, accept = mh_step(model, z, s, labels, level, width, lo, hi, generator)
                 width = torch.where(accept, width * WIDEN, width * NARROW).clamp(max=2 * eps)
             evaluations += n * steps
     raise RuntimeError(f"no estimate after max_levels={max_levels} levels; raise it or the quantile")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from robustdl._checks import check_labels, check_nonnegative, check_positive_int
 from robustdl._random import integers
+from robustdl.ascent import projected_ascent
 from robustdl.threat import LpBall
 from robustdl.verify.coverage import ActivationProfile, Coverage, activations, boundary_coverage, neuron_coverage
 
@@ -64,18 +65,15 @@ def _climb(model: nn.Module, x0: Tensor, y: Tensor, neuron: Tensor, ball: LpBall
     r"""Steepest ascent of :math:`u_n(x) + w\,J(\theta, x, y)` over the ball around each seed.
 
     :math:`u_n` is the pre-activation of the target neuron :math:`n` of each seed (the ReLU
-    output has no gradient while the neuron is off), :math:`J` the cross-entropy.
+    output has no gradient while the neuron is off), :math:`J` the cross-entropy: PGD's loop,
+    :func:`~robustdl.ascent.projected_ascent`, from the seeds themselves.
     """
-    x = x0.clone()
-    rows = torch.arange(len(x0), device=x0.device)
-    for _ in range(steps):
-        x.requires_grad_(True)
+    def objective(x: Tensor, rows: Tensor) -> tuple[Tensor, None]:
         act = activations(model, x, grad=True)
         pre = torch.cat(act.pre, dim=1)[rows, neuron]
-        objective = pre.sum() + weight * F.cross_entropy(act.logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(objective, x)
-        x = ball.project(x.detach() + ball.step(grad, step_size), x0)
-    return x.detach()
+        return pre.sum() + weight * F.cross_entropy(act.logits, y, reduction="sum"), None
+
+    return projected_ascent(objective, x0, ball, [step_size] * steps)
 
 
 def generate_tests(

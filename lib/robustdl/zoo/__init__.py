@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robustdl._model import accuracy
 from robustdl.attacks import pgd
 from robustdl.data import loader, random_crop_flip
 from robustdl.evaluation import autoattack_like
@@ -206,8 +207,7 @@ def robust_metrics(
     where = next(model.parameters()).device
     x, y = (t[:ensemble_examples].to(where) for t in test.dataset.tensors)
     x_adv = autoattack_like(model, x, y, eps, generator=torch.Generator(where).manual_seed(0))
-    with torch.no_grad():
-        ensemble = (model(x_adv).argmax(1) == y).float().mean().item()
+    ensemble = accuracy(model, x_adv, y)
     bounds = {"ibp": ibp_margin, "crown": crown_margin}
     return {
         "robust_eps": eps,

@@ -1,15 +1,13 @@
 r"""Optimisation attacks: the smallest perturbation that changes the decision, found by a solver.
 
-Instead of a step of fixed size (FGSM, PGD), these attacks solve the seed tutorial's
-problem (1) -- minimise :math:`\|r\|` subject to :math:`\arg\max_l f_l(x + r) = t` and
+Instead of a step of fixed size (FGSM, PGD), the attacks of Carlini and Wagner (2017),
+:func:`cw_l2`, :func:`cw_linf` and :func:`cw_l0`, solve the seed tutorial's problem (1) --
+minimise :math:`\|r\|` subject to :math:`\arg\max_l f_l(x + r) = t` and
 :math:`x + r \in [0, 1]^d` -- through its penalty form (3),
 :math:`\min_r \|r\|_p + c \cdot F(x + r)`, and search per example for the constant :math:`c`.
-
-* :func:`lbfgs` -- the box-constrained L-BFGS attack of Szegedy et al. (2014);
-* :func:`cw_l2`, :func:`cw_linf`, :func:`cw_l0` -- the attacks of Carlini and Wagner (2017).
-
-All four are per example throughout: each example has its own constant :math:`c`, its own
-search and its own result; an example the attack cannot break is returned unchanged.
+All three are per example throughout: each example has its own constant :math:`c`, its own
+search and its own result; an example the attack cannot break is returned unchanged. The
+box-constrained L-BFGS attack of Szegedy et al. (2014) is :mod:`robustdl.attacks.lbfgs`.
 
 Taught in the chapter *Adversarial attacks* (optimisation-based attacks).
 """
@@ -20,24 +18,23 @@ import itertools
 import math
 from collections.abc import Callable
 
-import numpy as np
-import scipy.optimize
 import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_labels, check_nonnegative, check_positive_int
+from robustdl._model import check_inputs, eval_mode, logits_of
 from robustdl._progress import progress_bar
-from robustdl.attacks._core import check_inputs, cross_entropy, eval_mode, input_gradient, logits_of, margin
+from robustdl.attacks._core import _L2, _search_step, input_gradient
+from robustdl.losses import goal_margin
 from robustdl.threat import LpBall, per_example
 
-__all__ = ["cw_l0", "cw_l2", "cw_linf", "lbfgs"]
+__all__ = ["cw_l0", "cw_l2", "cw_linf"]
 
 #: Pixels at exactly 0 or 1 have no finite preimage under :math:`x = (\tanh w + 1)/2`, so the
 #: change of variables starts from :math:`w_0 = \operatorname{artanh}((2x - 1)\,s)` with this
 #: factor :math:`s` (the authors' code uses the same): 0 and 1 start 5e-7 inside the box.
 TANH_SQUEEZE = 1 - 1e-6
-#: The per-example norms of :mod:`robustdl.threat` (only ``norm`` is used, so the radius is 0).
-_L2 = LpBall("l2", 0.0)
+#: The per-example L-infinity norm of :mod:`robustdl.threat` (only ``norm`` is used, so the radius is 0).
 _LINF = LpBall("linf", 0.0)
 
 #: A distance term of an objective: per-example perturbation ``delta`` (N, ...) -> (N,).
@@ -57,12 +54,12 @@ def _goal(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> tupl
 def _logit_gap(logits: Tensor, goal: Tensor, targeted: bool) -> Tensor:
     r"""The C&W objective before its floor, :math:`f_6` of :cite:`carlini2017towards` (Sec. IV-B).
 
-    Targeted: :math:`\max_{i \ne t} Z_i - Z_t`; untargeted: :math:`Z_y - \max_{i \ne y} Z_i`.
-    The attack succeeds with confidence :math:`\kappa` exactly where the gap is below
-    :math:`-\kappa`, and the objective is :math:`f = \max(\text{gap}, -\kappa)`. Shape (N,).
+    The :func:`~robustdl.losses.goal_margin` of the attack's one label ``goal``: the target
+    when ``targeted``, else the true label. The attack succeeds with confidence :math:`\kappa`
+    exactly where the gap is below :math:`-\kappa`, and the objective is
+    :math:`f = \max(\text{gap}, -\kappa)`. Shape (N,).
     """
-    gap = margin(logits, goal)
-    return -gap if targeted else gap
+    return goal_margin(logits, goal, goal if targeted else None)
 
 
 def _squared_l2(delta: Tensor) -> Tensor:
@@ -134,17 +131,6 @@ def _descend(
                     break
                 previous = loss
     return best.detach(), best_distance
-
-
-def _search_step(c: Tensor, lower: Tensor, upper: Tensor, grow: Tensor, factor: float) -> tuple[Tensor, ...]:
-    """One step of the per-example search over ``c``.
-
-    Where ``grow``, ``c`` is a lower bound of the constant sought, elsewhere an upper bound;
-    the next ``c`` bisects the bracket once it is finite, and is ``c * factor`` before.
-    """
-    lower = torch.where(grow, torch.maximum(lower, c), lower)
-    upper = torch.where(grow, upper, torch.minimum(upper, c))
-    return torch.where(upper.isfinite(), (lower + upper) / 2, c * factor), lower, upper
 
 
 def _doubling_search(descend: Descent, start: Tensor, c: Tensor, c_max: float, accept: float) -> tuple[Tensor, ...]:
@@ -406,98 +392,4 @@ def cw_l0(
             go = idx[active[idx]]
             if len(go):
                 allowed[go] = _fix_least_important(model, x[go], best[go], goal[go], targeted, last[go], k[go])
-    return best
-
-
-def _box_lbfgs(model: nn.Module, x: Tensor, target: Tensor, c: Tensor, max_iter: int) -> Tensor:
-    r"""Solve :math:`\min_{x' \in [0,1]^d} c\,\|x' - x\|_2 + \mathrm{loss}_f(x', t)` per example with L-BFGS-B.
-
-    The examples' problems are independent, so their sum is minimised at once over the
-    flattened batch by SciPy's L-BFGS-B, whose bounds keep every iterate in the box exactly.
-    The solver's iterations, line searches and stopping test are then shared by the batch: an
-    example's result can depend on the others in its batch (call per example for the paper's
-    per-image solve).
-    """
-    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        z = torch.from_numpy(flat).to(x).view_as(x).requires_grad_(True)
-        loss = (c * _L2.norm(z - x) + cross_entropy(logits_of(model, z), target)).sum()
-        (grad,) = torch.autograd.grad(loss, z)
-        return loss.item(), grad.flatten().double().cpu().numpy()
-
-    start = x.detach().flatten().double().cpu().numpy()
-    result = scipy.optimize.minimize(objective, start, jac=True, method="L-BFGS-B",
-                                     bounds=scipy.optimize.Bounds(0.0, 1.0), options={"maxiter": max_iter})
-    return torch.from_numpy(result.x).to(x).view_as(x).clamp(0, 1)
-
-
-def lbfgs(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor | None = None,
-    target: Tensor | None = None,
-    c_init: float = 0.1,
-    search_steps: int = 10,
-    max_iter: int = 100,
-    progress: bool | None = None,
-) -> Tensor:
-    r"""The box-constrained L-BFGS attack of Szegedy et al. (2014), :cite:`szegedy2014intriguing` (Sec. 4.1).
-
-    Problem (1) of the seed tutorial -- the smallest :math:`\|r\|_2` with
-    :math:`f(x + r) = t` and :math:`x + r \in [0, 1]^d` -- is approximated by the penalty
-    problem of the paper,
-
-    .. math:: \min_r\ c\,\|r\|_2 + \mathrm{loss}_f(x + r, t) \quad \text{subject to } x + r \in [0, 1]^d,
-
-    with the cross-entropy as :math:`\mathrm{loss}_f`, solved for each :math:`c` by L-BFGS-B
-    (SciPy's, from :math:`r = 0`), whose bounds handle the box exactly -- a projection after
-    each step of an unconstrained L-BFGS would break its curvature pairs. A larger :math:`c`
-    gives a smaller :math:`r`, so the paper's line search for "the minimum :math:`c`" is read as
-    the search for the boundary constant: the largest :math:`c` whose minimiser still satisfies
-    :math:`f(x + r) = t` (the minimum weight :math:`1/c` on the loss). Per example, :math:`c`
-    doubles after a success and halves after a failure until bracketed, then bisects. The result
-    is the successful minimiser of smallest :math:`\|r\|_2` over the constants tried.
-
-    Args:
-        model: a classifier returning logits, taking images in [0, 1].
-        x: clean images in [0, 1], shape (N, ...).
-        y: true labels, shape (N,): needed without ``target``; then the target is the
-            runner-up class :math:`\arg\max_{i \ne y} Z_i(x)`, the nearest one to reach.
-        target: target labels :math:`t`, shape (N,).
-        c_init: the first constant.
-        search_steps: constants tried per example.
-        max_iter: L-BFGS-B iterations per constant.
-        progress: show a progress bar over the constants (default: ``$ROBUSTDL_PROGRESS``).
-
-    Returns:
-        New adversarial images, detached, in [0, 1]; an example never broken is returned as is.
-
-    Taught in the chapter *Adversarial attacks*.
-    """
-    if target is None:
-        if y is None:
-            raise ValueError("lbfgs needs y (untargeted: the target is the runner-up class) or target, got neither")
-        check_inputs(model, x, y)
-    else:
-        check_inputs(model, x, target if y is None else y)
-        check_labels(target, x, "target")
-    x = x.detach()
-    c0 = check_nonnegative(c_init, "c_init")
-    if c0 == 0:
-        raise ValueError("c_init must be > 0, got 0")
-    search_steps, max_iter = check_positive_int(search_steps, "search_steps"), check_positive_int(max_iter, "max_iter")
-    c = x.new_full((len(x),), c0)
-    lower, upper = torch.zeros_like(c), torch.full_like(c, math.inf)
-    best, best_norm = x.clone(), torch.full_like(c, math.inf)
-    with eval_mode(model), torch.enable_grad():
-        if target is None:
-            target = logits_of(model, x).detach().scatter(1, y[:, None], -math.inf).argmax(dim=1)
-        for _ in progress_bar(range(search_steps), progress, desc="L-BFGS"):
-            x_adv = _box_lbfgs(model, x, target, c, max_iter)
-            with torch.no_grad():
-                success = logits_of(model, x_adv).argmax(dim=1) == target
-            norm = torch.where(success, _L2.norm(x_adv - x), math.inf)
-            better = norm < best_norm
-            best = torch.where(per_example(better, x), x_adv, best)
-            best_norm = torch.minimum(norm, best_norm)
-            c, lower, upper = _search_step(c, lower, upper, grow=success, factor=2.0)
     return best
