@@ -144,3 +144,31 @@ def test_attack_contract(name: str, seeded) -> None:
         _no_grad_history(out.delta)
         x_adv = out.apply(x)
         assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+#: Attacks in an Lp ball take their threat model as a value too: ``attack(model, x, y, LpBall(...))``.
+BALL_TAKERS: dict[str, Callable[..., Tensor]] = {
+    "fgsm": lambda m, x, y, g, eps, **kw: fgsm(m, x, y, eps, **kw),
+    "pgd": lambda m, x, y, g, eps, **kw: pgd(m, x, y, eps, steps=3, generator=g, **kw),
+    "apgd": lambda m, x, y, g, eps, **kw: apgd(m, x, y, eps, steps=5, generator=g, **kw),
+    "square": lambda m, x, y, g, eps, **kw: square(m, x, y, eps, queries=30, generator=g, **kw),
+    "uap": lambda m, x, y, g, eps, **kw: uap(m, x, eps, max_passes=2, deepfool_steps=3, generator=g, **kw),
+}
+
+
+@pytest.mark.parametrize("ball", [LpBall("linf", 0.1), LpBall("l2", 0.5)], ids=lambda b: b.name)
+@pytest.mark.parametrize("name", BALL_TAKERS)
+def test_an_lpball_is_the_same_threat_model_as_its_floats(name: str, ball: LpBall, seeded) -> None:
+    attack, model = BALL_TAKERS[name], tiny_cnn()
+    x, y = torch.rand(6, 1, 6, 6, generator=seeded(1)), torch.arange(6) % 3
+    by_value = attack(model, x, y, seeded(), ball)
+    by_floats = attack(model, x, y, seeded(), ball.eps, norm=ball.name)
+    assert torch.equal(by_value, by_floats)
+
+
+def test_a_ball_and_a_different_norm_beside_it_is_an_error() -> None:
+    x, y = torch.rand(2, 1, 6, 6), torch.arange(2)
+    with pytest.raises(ValueError, match="contradicts the ball"):
+        pgd(tiny_cnn(), x, y, LpBall("l2", 0.5), norm="l1")
+    with pytest.raises(TypeError, match="eps must be a radius"):
+        fgsm(tiny_cnn(), x, y, "0.1")

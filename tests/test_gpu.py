@@ -94,7 +94,7 @@ from robustdl.reliability import (
     operational_profile,
     r_separation,
 )
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.train import OBJECTIVES, evaluate, fit, make_objective, run_epoch, standard_loss
 from robustdl.train.adversarial import YOPO, CatastrophicOverfittingGuard
 from robustdl.train.atld import LatentDistributionAT, latent_discriminator, latent_features
@@ -133,7 +133,6 @@ from robustdl.verify import (
     reachability,
     safety,
     sign_sign_coverage,
-    threat_model,
 )
 from robustdl.verify.bounds import input_box
 from robustdl.verify.clever import clever_one
@@ -699,7 +698,7 @@ VERIFY: dict[str, Case] = {
     "crown_bounds": Case(lambda e: crown_bounds(e.model, e.x, EPS), _bounds_hold(_logits),
                          covers=("BoundOp", "BoundLinear", "BoundConv2d", "BoundReLU", "BoundFlatten", "BoundNormalize",
                                  "layers", "operators", "Patches", "inner")),
-    "threat_model": Case(lambda e: threat_model(EPS).box(e.x), _bounds_hold(lambda e: e.x)),
+    "as_ball": Case(lambda e: as_ball(EPS).box(e.x), _bounds_hold(lambda e: e.x)),
     "crown_bounds[ibp-spec]": Case(lambda e: crown_bounds(e.model, e.x, EPS, spec=_spec(e), intermediate="ibp"),
                                    _bounds_hold(_margins)),
     "margin_spec": Case(_spec, _check_spec),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from robustdl.threat import LpBall, parse_norm
+from robustdl.threat import LpBall, as_ball, parse_norm
 
 NORMS = [math.inf, 2.0, 1.0]
 settings.register_profile("robustdl", max_examples=60, deadline=None)
@@ -199,3 +199,10 @@ def test_concretise_keeps_the_box_where_it_is_tighter():
     assert LpBall("l1", 0.5).concretise(-A, x).item() == pytest.approx(-0.5)
     assert LpBall("l2", 0.5).dual_exponent == 2 and LpBall("l1", 1).dual_exponent == math.inf
     assert torch.allclose(LpBall("l2", 0.3).box(torch.tensor([[0.1, 0.9]]))[0], torch.tensor([[0.0, 0.6]]))
+
+
+@given(p=st.sampled_from(["linf", "l2", "l1", math.inf, 2, 1]), eps=st.floats(0, 10, allow_nan=False))
+def test_as_ball_takes_a_ball_as_it_is_and_floats_as_their_ball(p, eps):
+    ball = LpBall(p, eps)
+    assert as_ball(ball) is ball and as_ball(ball, ball.name) is ball
+    assert as_ball(eps, p) == ball

@@ -181,3 +181,14 @@ def test_cifar10_cards_are_reproduced_on_a_sample(name):
     clean, robust = accuracy(model, x, y), accuracy(model, x_adv, y)
     assert clean == pytest.approx(card["test_accuracy"], abs=0.085)  # > 3 standard errors at 300
     assert robust == pytest.approx(card["robust_accuracy_pgd40"], abs=0.085)
+
+
+@pytest.mark.parametrize("name", zoo.available())
+def test_every_card_names_its_threat_model(name):
+    """A robust model's card says in which ball it was measured: norm and radius, as an LpBall."""
+    card, threat = zoo.card(name), zoo.threat_model(name)
+    if threat is None:
+        assert "robust_eps" not in card and "robust_norm" not in card
+    else:
+        assert (card["robust_norm"], card["robust_eps"]) == (threat.name, threat.eps)
+        assert card["recipe"]["robust_norm"] == threat.name

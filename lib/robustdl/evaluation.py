@@ -25,6 +25,7 @@ from robustdl._checks import check_images, check_labels, check_positive_int
 from robustdl._model import check_inputs, eval_mode
 from robustdl.attacks._core import best_of
 from robustdl.attacks.apgd import apgd
+from robustdl.threat import LpBall
 from robustdl.train import Attack, evaluate
 
 __all__ = ["autoattack_like", "robust_accuracy", "robustness_curve", "worst_case"]
@@ -117,7 +118,7 @@ def autoattack_like(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     steps: int = 100,
     targets: int = 9,
@@ -134,7 +135,8 @@ def autoattack_like(
         model: a classifier returning logits, taking images in [0, 1].
         x: clean images in [0, 1], shape (N, ...).
         y: true labels, shape (N,).
-        eps: the radius of the threat model.
+        eps: the radius of the threat model, or the threat model itself, an
+            :class:`~robustdl.threat.LpBall` (:func:`~robustdl.threat.as_ball`; then ``norm`` is left out).
         norm: ``"linf"`` or ``"l2"``.
         steps: APGD's iterations per run.
         targets: the number of target classes of APGD-T (0 for none).

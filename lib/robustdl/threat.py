@@ -31,7 +31,7 @@ from torch import Tensor
 from robustdl._checks import check_fraction, check_images, check_nonnegative
 from robustdl._random import integers, normal, uniform
 
-__all__ = ["LpBall", "inner", "parse_norm", "per_example"]
+__all__ = ["LpBall", "as_ball", "inner", "parse_norm", "per_example"]
 
 _NORM_NAMES = {"inf": math.inf, "linf": math.inf, "l2": 2.0, "2": 2.0, "l1": 1.0, "1": 1.0}
 #: Bisection iterations for the exact L1/L2 projections: the bracket shrinks by 2**-50.
@@ -258,3 +258,20 @@ class LpBall:
         top = flat.abs().topk(k, dim=1).indices
         v = torch.zeros_like(flat).scatter_(1, top, flat.gather(1, top).sign())
         return (alpha * v / v.abs().sum(dim=1, keepdim=True).clamp_min(1)).view_as(grad)
+
+
+def as_ball(eps: float | LpBall, norm: str | float = "linf") -> LpBall:
+    """The threat model a function is given: an :class:`LpBall` as it is, or the ball of ``norm`` and radius ``eps``.
+
+    Every attack, objective and verifier takes its threat model through this, so each accepts
+    either form: ``pgd(model, x, y, LpBall("l2", 0.5))`` or ``pgd(model, x, y, 0.5, "l2")``. A
+    ball given with a ``norm`` other than the default beside it is an error, not a silent choice.
+    """
+    if isinstance(eps, LpBall):
+        if parse_norm(norm) not in (math.inf, eps.p):
+            raise ValueError(f"norm {norm!r} contradicts the ball given as eps, {eps}; give the norm once")
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a radius (a float) or a robustdl.threat.LpBall, "
+                        f"got {type(eps).__name__}: {eps!r}")
+    return LpBall(norm, eps)

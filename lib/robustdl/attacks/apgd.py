@@ -25,7 +25,7 @@ from robustdl._model import eval_mode, logits_of
 from robustdl.ascent import inward
 from robustdl.attacks._core import Objective, _check_goal, _objective, _restarted
 from robustdl.losses import Loss, goal_reached
-from robustdl.threat import LpBall, per_example
+from robustdl.threat import LpBall, as_ball, per_example
 
 __all__ = ["apgd", "apgd_checkpoints"]
 
@@ -169,7 +169,7 @@ def apgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     steps: int = 100,
     loss: str | Loss = "ce",
@@ -202,7 +202,8 @@ def apgd(
         model: a classifier returning logits, taking images in [0, 1].
         x: clean images in [0, 1], shape (N, ...).
         y: true labels, shape (N,).
-        eps: the radius of the threat model.
+        eps: the radius of the threat model, or the threat model itself, an
+            :class:`~robustdl.threat.LpBall` (:func:`~robustdl.threat.as_ball`; then ``norm`` is left out).
         norm: ``"linf"`` or ``"l2"``, the paper's norms.
         steps: the iteration budget :math:`N_{\text{iter}}` per run.
         loss: ``"ce"``, ``"dlr"``, or a per-example loss ``loss(logits, labels) -> (N,)``.
@@ -218,7 +219,7 @@ def apgd(
     Taught in the chapter *Adversarial attacks*.
     """
     _check_goal(model, x, y, target)
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     if ball.name not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2' for apgd (the paper's norms), got {norm!r}")
     run = partial(_apgd_run, model, ball=ball, steps=check_positive_int(steps, "steps"), objective=_objective(loss),

@@ -25,7 +25,7 @@ from robustdl._model import check_inputs, check_model, eval_mode, logits_of
 from robustdl.ascent import AscentObjective, projected_ascent
 from robustdl.attacks._core import Objective, _check_goal, _objective, _restarted, input_gradient
 from robustdl.losses import Loss, goal_loss, goal_reached
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 
 __all__ = ["fgsm", "pgd"]
 
@@ -37,7 +37,7 @@ def fgsm(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     target: Tensor | None = None,
 ) -> Tensor:
@@ -57,7 +57,8 @@ def fgsm(
         model: a classifier returning logits, taking images in [0, 1].
         x: clean images in [0, 1], shape (N, ...).
         y: true labels, shape (N,); ignored when ``target`` is given.
-        eps: the radius of the threat model.
+        eps: the radius of the threat model, or the threat model itself, an
+            :class:`~robustdl.threat.LpBall` (:func:`~robustdl.threat.as_ball`; then ``norm`` is left out).
         norm: ``"linf"`` (FGSM proper), ``"l2"`` or ``"l1"``.
         target: target labels for a targeted attack, shape (N,).
 
@@ -67,11 +68,11 @@ def fgsm(
     Taught in the chapter *Introduction*.
     """
     check_inputs(model, x, y if target is None else target)
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     with eval_mode(model):
         direction = input_gradient(model, x, y, lambda logits, labels: goal_loss(logits, labels, target))
     with torch.no_grad():
-        return ball.project(x + ball.step(direction, eps), x)
+        return ball.project(x + ball.step(direction, ball.eps), x)
 
 
 def _step_sizes(alpha: float, steps: int, schedule: str) -> list[float]:
@@ -114,7 +115,7 @@ def pgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     steps: int = 40,
     step_size: float | None = None,
@@ -155,7 +156,8 @@ def pgd(
         y: true labels, shape (N,); or, for a ``loss`` function of other per-example data (TRADES's
             clean probabilities), that data, a floating tensor (N, ...). Such data sets no goal, so
             it needs ``early_stop=False``, one run and no ``target``.
-        eps: the radius of the threat model.
+        eps: the radius of the threat model, or the threat model itself, an
+            :class:`~robustdl.threat.LpBall` (:func:`~robustdl.threat.as_ball`; then ``norm`` is left out).
         norm: ``"linf"``, ``"l2"`` or ``"l1"``.
         steps: the number of steps :math:`T` per run.
         step_size: the step :math:`\alpha` (default :math:`2.5\,\epsilon / T`).
@@ -182,7 +184,7 @@ def pgd(
     Taught in the chapter *Adversarial attacks*.
     """
     _check_pgd_inputs(model, x, y, target, loss, early_stop, restarts)
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     steps = check_positive_int(steps, "steps")
     alpha = 2.5 * ball.eps / steps if step_size is None else check_nonnegative(step_size, "step_size")
     step_sizes, objective = _step_sizes(alpha, steps, schedule), _objective(loss)

@@ -18,7 +18,7 @@ from robustdl._checks import check_positive_int
 from robustdl._random import integers, uniform
 from robustdl.attacks.oracle import QueryOracle, log_scores, setup_oracle
 from robustdl.losses import margin
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 
 __all__ = ["square", "square_fraction"]
 
@@ -207,7 +207,7 @@ def square(
     model_or_oracle: nn.Module | QueryOracle,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     queries: int = 1000,
     p_init: float = 0.8,
@@ -237,7 +237,8 @@ def square(
         model_or_oracle: a classifier returning logits, or a ``"scores"`` :class:`QueryOracle`.
         x: clean images in [0, 1], shape (N, C, H, W).
         y: true labels, shape (N,).
-        eps: the radius of the threat model.
+        eps: the radius of the threat model, or the threat model itself, an
+            :class:`~robustdl.threat.LpBall` (:func:`~robustdl.threat.as_ball`; then ``norm`` is left out).
         norm: ``"linf"`` or ``"l2"``.
         queries: the most queries per example, the clean one included.
         p_init: the initial fraction :math:`p \in (0, 1]` of pixels a square covers (0.8 in the paper).
@@ -249,7 +250,7 @@ def square(
         lowest loss found (the first to reach the goal).
     """
     oracle, y, target = setup_oracle(model_or_oracle, x, y, target, "scores")
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     if ball.p not in SQUARE_GEOMETRY:
         raise ValueError(f"square supports norm 'linf' or 'l2', got {norm!r}")
     initialise, update, smallest = SQUARE_GEOMETRY[ball.p]

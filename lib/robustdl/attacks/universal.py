@@ -27,7 +27,7 @@ from robustdl._model import check_inputs, check_model, eval_mode, logits_of, pre
 from robustdl._progress import progress_bar
 from robustdl._random import permutation
 from robustdl.attacks.spatial import flow_loss, flow_warp
-from robustdl.threat import LpBall, per_example
+from robustdl.threat import LpBall, as_ball, per_example
 
 __all__ = ["GeneralizedPerturbation", "deepfool", "fooling_rate", "guap", "uap"]
 
@@ -158,7 +158,7 @@ def deepfool(
 def uap(
     model: nn.Module,
     images: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = "linf",
     max_passes: int = 10,
     target_fooling_rate: float = 0.8,
@@ -184,7 +184,8 @@ def uap(
     Args:
         model: a classifier returning logits, taking images in [0, 1].
         images: the images to fool, in [0, 1], shape (N, C, H, W); their labels play no part.
-        eps: the radius :math:`\epsilon` of the ball :math:`\|v\|_p \le \epsilon`.
+        eps: the radius :math:`\epsilon` of the ball :math:`\|v\|_p \le \epsilon`, or that ball (an
+            :class:`~robustdl.threat.LpBall`; then ``norm`` is left out).
         norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         max_passes: the most passes over the images.
         target_fooling_rate: :math:`1 - \delta`, the fooling rate at which to stop.
@@ -200,7 +201,7 @@ def uap(
     """
     check_model(model)
     check_images(images, "images")
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     max_passes = check_positive_int(max_passes, "max_passes")
     target_fooling_rate = check_fraction(target_fooling_rate, "target_fooling_rate")
     v = torch.zeros_like(images[:1])
@@ -234,7 +235,7 @@ class GeneralizedPerturbation(NamedTuple):
 def guap(
     model: nn.Module,
     images: Tensor,
-    eps: float,
+    eps: float | LpBall,
     tau: float,
     norm: str | float = "linf",
     epochs: int = 20,
@@ -285,7 +286,7 @@ def guap(
     check_images(images, "images")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     tau, lr = check_nonnegative(tau, "tau"), check_nonnegative(lr, "lr")
     epochs, batch_size = check_positive_int(epochs, "epochs"), check_positive_int(batch_size, "batch_size")
     flow = images.new_zeros(1, 2, *images.shape[2:]).requires_grad_(True)

@@ -42,7 +42,7 @@ from robustdl._model import accuracy, eval_mode
 from robustdl.ascent import ascent_step, projected_ascent
 from robustdl.attacks.gradient import pgd
 from robustdl.losses import kl_divergence
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.train.distributed import unwrap
 from robustdl.train.loop import Objective
 
@@ -61,7 +61,7 @@ def pgd_at_loss(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float = 0.3,
+    eps: float | LpBall = 0.3,
     norm: str | float = "linf",
     steps: int = 10,
     step_size: float | None = None,
@@ -87,7 +87,7 @@ def fast_at_loss(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float = 0.3,
+    eps: float | LpBall = 0.3,
     step_size: float | None = None,
     random_start: bool = True,
     norm: str | float = "linf",
@@ -106,7 +106,7 @@ def fast_at_loss(
     (:class:`CatastrophicOverfittingGuard`). One step of :func:`~robustdl.attacks.pgd` is
     exactly this update, so PGD does the work.
     """
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     alpha = 1.25 * ball.eps if step_size is None else check_nonnegative(step_size, "step_size")
     x_star = pgd(unwrap(model), x, y, eps, norm, steps=1, step_size=alpha, random_start=random_start,
                  early_stop=False)
@@ -132,8 +132,8 @@ class FreeAT:
     >>> fit(model, loader, epochs // free.replays, optimizer, free, replays=free.replays)
     """
 
-    def __init__(self, eps: float = 0.3, replays: int = 8, norm: str | float = "linf") -> None:
-        self.ball = LpBall(norm, eps)
+    def __init__(self, eps: float | LpBall = 0.3, replays: int = 8, norm: str | float = "linf") -> None:
+        self.ball = as_ball(eps, norm)
         self.replays = check_positive_int(replays, "replays")
         self.delta: Tensor | None = None
 
@@ -191,10 +191,10 @@ class YOPO:
     training. The step :math:`\sigma` defaults to :math:`2\epsilon / n`.
     """
 
-    def __init__(self, first_layer: str, eps: float = 0.3, outer: int = 5, inner: int = 3,
+    def __init__(self, first_layer: str, eps: float | LpBall = 0.3, outer: int = 5, inner: int = 3,
                  step_size: float | None = None, norm: str | float = "linf") -> None:
         self.first_layer = first_layer
-        self.ball = LpBall(norm, eps)
+        self.ball = as_ball(eps, norm)
         self.outer = check_positive_int(outer, "outer")
         self.inner = check_positive_int(inner, "inner")
         self.step_size = 2 * self.ball.eps / inner if step_size is None else check_nonnegative(step_size, "step_size")
@@ -264,7 +264,7 @@ def trades_loss(
     x: Tensor,
     y: Tensor,
     beta: float = 6.0,
-    eps: float = 0.3,
+    eps: float | LpBall = 0.3,
     steps: int = 10,
     step_size: float | None = None,
     norm: str | float = "linf",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from robustdl._checks import check_images, check_labels, check_nonnegative, check_positive_int
 from robustdl._model import check_model, eval_mode
 from robustdl.attacks.gradient import pgd
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.train.distributed import unwrap
 
 __all__ = ["LatentDistributionAT", "latent_discriminator", "latent_features"]
@@ -112,7 +112,7 @@ class LatentDistributionAT:
         self,
         discriminator: nn.Module,
         discriminator_optimizer: torch.optim.Optimizer,
-        eps: float,
+        eps: float | LpBall,
         steps: int = 1,
         step_size: float | None = None,
         norm: str | float = "linf",
@@ -125,7 +125,7 @@ class LatentDistributionAT:
             raise TypeError(f"discriminator_optimizer must be a torch.optim.Optimizer of the discriminator's "
                             f"parameters, got {type(discriminator_optimizer).__name__}")
         self.discriminator, self.discriminator_optimizer = discriminator, discriminator_optimizer
-        self.ball = LpBall(norm, eps)
+        self.ball = as_ball(eps, norm)
         self.steps = check_positive_int(steps, "steps")
         self.step_size = self.ball.eps if step_size is None else check_nonnegative(step_size, "step_size")
         self.discriminator_steps = check_positive_int(discriminator_steps, "discriminator_steps")

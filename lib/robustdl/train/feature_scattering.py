@@ -30,7 +30,7 @@ from robustdl._checks import (
 )
 from robustdl._model import check_model, eval_mode
 from robustdl.ascent import projected_ascent
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.train.distributed import unwrap
 
 __all__ = ["feature_scattering_attack", "feature_scattering_loss", "sinkhorn"]
@@ -78,7 +78,7 @@ def _feature_matching_distance(clean: Tensor, perturbed: Tensor) -> Tensor:
 def feature_scattering_attack(
     model: nn.Module,
     x: Tensor,
-    eps: float,
+    eps: float | LpBall,
     steps: int = 1,
     step_size: float | None = None,
     norm: str | float = "linf",
@@ -105,7 +105,7 @@ def feature_scattering_attack(
     """
     check_model(model)
     check_images(x)
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     steps = check_positive_int(steps, "steps")
     alpha = ball.eps if step_size is None else check_nonnegative(step_size, "step_size")
     x = x.detach()
@@ -135,7 +135,7 @@ def feature_scattering_loss(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     steps: int = 1,
     step_size: float | None = None,
     label_smoothing: float = 0.5,

@@ -21,14 +21,13 @@ from robustdl.verify.bounds import (
     interval_bounds,
     margin_spec,
     preactivation_bounds,
-    threat_model,
 )
 from robustdl.verify.milp import MarginResult, exact_margin, exact_min_margin
 from robustdl.verify.operators import BoundOp, layers, operators
 
 # One line per module: each module appends its own names.
 __all__ = ["certified", "certified_accuracy", "crown_bounds", "crown_margin", "ibp_margin",
-           "interval_bounds", "margin_spec", "preactivation_bounds", "threat_model"]
+           "interval_bounds", "margin_spec", "preactivation_bounds"]
 __all__ += ["MarginResult", "exact_margin", "exact_min_margin"]
 __all__ += ["BoundOp", "layers", "operators"]
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from robustdl._checks import check_images, check_labels, check_positive_int
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.verify.operators import BoundConv2d, BoundOp, BoundReLU, Interval, operators
 from robustdl.verify.patches import Patches
 
@@ -46,18 +46,7 @@ __all__ = [
     "interval_bounds",
     "margin_spec",
     "preactivation_bounds",
-    "threat_model",
 ]
-
-
-def threat_model(eps: float | LpBall) -> LpBall:
-    """The input set that ``eps`` names: an :class:`~robustdl.threat.LpBall` as it is, a bare radius the Linf ball."""
-    if isinstance(eps, LpBall):
-        return eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a radius (a float: the Linf ball) or a robustdl.threat.LpBall, "
-                        f"got {type(eps).__name__}: {eps!r}")
-    return LpBall(math.inf, eps)
 
 
 def input_box(x: Tensor, eps: float | LpBall) -> Interval:
@@ -66,7 +55,7 @@ def input_box(x: Tensor, eps: float | LpBall) -> Interval:
     :meth:`LpBall.box`; for the Linf ball (a bare ``eps``) the box is the input set itself.
     """
     check_images(x)
-    return threat_model(eps).box(x)
+    return as_ball(eps).box(x)
 
 
 def _concretize(A: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
@@ -248,7 +237,7 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tens
     :math:`(CW, Cb)`, as Gowal et al. do, which is tighter than bounding :math:`C` over the logits' box.
     Differentiable: :func:`robustdl.train.certified.ibp_loss` trains through it.
     """
-    ops, ball = operators(model), threat_model(eps)
+    ops, ball = operators(model), as_ball(eps)
     inputs, (lower, upper) = _propagate(ops, ball, check_images(x), crown=False)
     spec = _check_spec(spec, x, lower.shape[1])
     if spec is None:
@@ -285,7 +274,7 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tensor 
     """
     if intermediate not in ("crown", "ibp"):
         raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
-    ops, ball = operators(model), threat_model(eps)
+    ops, ball = operators(model), as_ball(eps)
     inputs, (lower, _) = _propagate(ops, ball, check_images(x), crown=intermediate == "crown")
     spec = _check_spec(spec, x, lower.shape[1])
     if spec is None:
@@ -304,7 +293,7 @@ def preactivation_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, metho
     if method not in ("crown", "ibp"):
         raise ValueError(f"method must be 'crown' or 'ibp', got {method!r}")
     ops = operators(model)
-    inputs, _ = _propagate(ops, threat_model(eps), check_images(x), crown=method == "crown")
+    inputs, _ = _propagate(ops, as_ball(eps), check_images(x), crown=method == "crown")
     return [bounds for op, bounds in zip(ops, inputs, strict=True) if isinstance(op, BoundReLU)]
 
 
@@ -357,7 +346,7 @@ def certified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBa
     """
     check_labels(y, check_images(x))
     check_positive_int(batch_size, "batch_size")
-    threat_model(eps)  # a bad eps fails here, before any batch
+    as_ball(eps)  # a bad eps fails here, before any batch
     with torch.no_grad():
         hits = sum(int(certified(model, x[i:i + batch_size], y[i:i + batch_size], eps, bound).sum())
                    for i in range(0, len(x), batch_size))

@@ -29,9 +29,9 @@ import scipy.stats
 import torch
 from torch import Tensor, nn
 
-from robustdl._checks import check_nonnegative, check_positive_int
+from robustdl._checks import check_positive_int
 from robustdl._model import check_inputs, eval_mode, logits_of
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 
 __all__ = ["clever", "clever_one", "reverse_weibull_location"]
 
@@ -148,7 +148,7 @@ def clever(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: float | LpBall,
     norm: str | float = 2,
     batches: int = 100,
     samples_per_batch: int = 100,
@@ -175,7 +175,7 @@ def clever(
         The scores, shape (N,), in :math:`[0, R]`: 0 where ``y`` is already not the top class.
     """
     check_inputs(model, x, y)
-    ball = LpBall(norm, check_nonnegative(eps, "eps"))
+    ball = as_ball(eps, norm)
     batches = check_positive_int(batches, "batches")
     samples = check_positive_int(samples_per_batch, "samples_per_batch")
     with torch.no_grad():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from robustdl._checks import check_labels, check_nonnegative, check_positive_int
 from robustdl._random import integers
 from robustdl.ascent import projected_ascent
-from robustdl.threat import LpBall
+from robustdl.threat import LpBall, as_ball
 from robustdl.verify.coverage import ActivationProfile, Coverage, activations, boundary_coverage, neuron_coverage
 
 __all__ = ["TestReport", "generate_tests", "neuron_targets"]
@@ -81,7 +81,7 @@ def generate_tests(
     x: Tensor,
     y: Tensor,
     criterion: str = "neuron",
-    eps: float = 0.1,
+    eps: float | LpBall = 0.1,
     budget: int = 100,
     norm: str | float = "linf",
     steps: int = 10,
@@ -107,7 +107,7 @@ def generate_tests(
         weight: :math:`w`, the weight of the misclassification term (0: coverage alone).
     """
     check_labels(y, x)
-    ball = LpBall(norm, eps)
+    ball = as_ball(eps, norm)
     budget = check_positive_int(budget, "budget")
     steps = check_positive_int(steps, "steps")
     weight = check_nonnegative(weight, "weight")

@@ -27,11 +27,12 @@ from robustdl.attacks import pgd
 from robustdl.data import loader, random_crop_flip
 from robustdl.evaluation import autoattack_like
 from robustdl.models import build_model
+from robustdl.threat import LpBall
 from robustdl.train import evaluate, fit, seed_everything
 from robustdl.train.objectives import make_objective
 from robustdl.verify import certified_accuracy, crown_margin, ibp_margin
 
-__all__ = ["RECIPES", "Recipe", "available", "card", "dataset_of", "load", "robust_metrics", "train"]
+__all__ = ["RECIPES", "Recipe", "available", "card", "dataset_of", "load", "robust_metrics", "threat_model", "train"]
 
 ZOO_DIR = Path(__file__).parent
 
@@ -53,6 +54,7 @@ class Recipe:
     warmup: int = 0
     replays: int = 1
     robust_eps: float | None = None
+    robust_norm: str = "linf"
     augment: bool = False
     ensemble_examples: int = 1000
     certify: tuple[str, ...] = ("ibp", "crown")
@@ -170,6 +172,16 @@ def dataset_of(name: str) -> str:
     return _check_name(name).dataset
 
 
+def threat_model(name: str) -> LpBall | None:
+    """The threat model in which bundled model ``name`` is trained to be robust and its card measured.
+
+    Its recipe's ``robust_norm`` and ``robust_eps`` (the card's too) as an
+    :class:`~robustdl.threat.LpBall`; ``None`` for a standard model.
+    """
+    recipe = _check_name(name)
+    return None if recipe.robust_eps is None else LpBall(recipe.robust_norm, recipe.robust_eps)
+
+
 def load(name: str, device: torch.device | str | None = None) -> nn.Module:
     """The bundled model ``name`` in eval mode, on ``device`` (default: the CPU)."""
     recipe = _check_name(name)
@@ -190,32 +202,35 @@ ENSEMBLE_EXAMPLES = 1000
 def robust_metrics(
     model: nn.Module,
     dataset: str,
-    eps: float,
+    threat: LpBall | float,
     ensemble_examples: int = ENSEMBLE_EXAMPLES,
     certify: tuple[str, ...] = ("ibp", "crown"),
 ) -> dict[str, object]:
-    """Robust test accuracy at Linf radius ``eps``: PGD-40 on the whole test set, APGD ensemble on a part.
+    """Robust test accuracy in the ball ``threat``: PGD-40 on the whole test set, APGD ensemble on a part.
 
+    ``threat`` is an :class:`~robustdl.threat.LpBall` (a bare float: the Linf ball of that radius).
     PGD-40 takes 40 steps of 0.01 (scaled by ``eps / 0.3``) from a random start, Madry et al.'s
     MNIST evaluation; the ensemble is :func:`~robustdl.evaluation.autoattack_like` on the first
     ``ensemble_examples`` test images; on the same images, the accuracy certified by the bounds
     named in ``certify`` (IBP, CROWN: :func:`~robustdl.verify.certified_accuracy`), a lower bound
     where the attacks give upper ones. Everything runs on the model's device.
     """
+    ball = threat if isinstance(threat, LpBall) else LpBall("linf", threat)
     test = loader(dataset, "test", batch_size=500)
-    pgd40 = partial(pgd, eps=eps, steps=40, step_size=0.01 * eps / 0.3)
+    pgd40 = partial(pgd, eps=ball.eps, norm=ball.name, steps=40, step_size=0.01 * ball.eps / 0.3)
     where = next(model.parameters()).device
     x, y = (t[:ensemble_examples].to(where) for t in test.dataset.tensors)
-    x_adv = autoattack_like(model, x, y, eps, generator=torch.Generator(where).manual_seed(0))
+    x_adv = autoattack_like(model, x, y, ball.eps, ball.name, generator=torch.Generator(where).manual_seed(0))
     ensemble = accuracy(model, x_adv, y)
     bounds = {"ibp": ibp_margin, "crown": crown_margin}
     return {
-        "robust_eps": eps,
+        "robust_norm": ball.name,
+        "robust_eps": ball.eps,
         "robust_accuracy_pgd40": evaluate(model, test, attack=pgd40, progress=False)["accuracy"],
         "robust_accuracy_apgd_ensemble": ensemble,
         "robust_accuracy_apgd_ensemble_examples": len(x),
         # Sound lower bounds on robust accuracy, on the same images (robustdl.verify).
-        **{f"certified_accuracy_{name}": certified_accuracy(model, x, y, eps, bound=bounds[name]) for name in certify},
+        **{f"certified_accuracy_{name}": certified_accuracy(model, x, y, ball, bound=bounds[name]) for name in certify},
     }
 
 
@@ -251,8 +266,9 @@ def train(
     stored.load_state_dict({k: v.float() for k, v in torch.load(weights, weights_only=True).items()})
     stored = stored.to(device).eval()
     metrics = evaluate(stored, loader(recipe.dataset, "test", batch_size=500), progress=progress)
-    robustness = {} if recipe.robust_eps is None else robust_metrics(
-        stored, recipe.dataset, recipe.robust_eps, recipe.ensemble_examples, recipe.certify)
+    threat = threat_model(name)
+    robustness = {} if threat is None else robust_metrics(
+        stored, recipe.dataset, threat, recipe.ensemble_examples, recipe.certify)
     model_card = {
         "name": name,
         "recipe": asdict(recipe),
