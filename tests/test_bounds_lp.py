@@ -6,8 +6,6 @@ the Linf results are pinned by test_bounds.py, which passes bare radii.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +15,6 @@ from torch import nn
 
 from robustdl import zoo
 from robustdl.attacks import pgd
-from robustdl.data import data_root, load_dataset
 from robustdl.models import Normalize
 from robustdl.threat import LpBall
 from robustdl.verify import (
@@ -120,17 +117,11 @@ def test_ibp_first_layer_is_exact_and_crown_mostly_beats_ibp_for_l2(kind):
     assert wins >= 0.9 * total
 
 
-needs_mnist = pytest.mark.skipif(
-    not (data_root() / "MNIST/raw/t10k-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
-    reason="no offline MNIST")
-
-
-@needs_mnist
-@pytest.mark.skipif("mnist_ibp" not in zoo.available(), reason="mnist_ibp is not bundled")
-def test_bounds_on_a_bundled_model_hold_at_sampled_and_pgd_points():
+@pytest.mark.mnist
+def test_bounds_on_a_bundled_model_hold_at_sampled_and_pgd_points(mnist):
     """Soundness only: on an IBP-trained network IBP is often tighter than CROWN (Zhang et al. 2020)."""
     model = zoo.load("mnist_ibp")
-    x, y = (t[:4] for t in load_dataset("mnist", "test").tensors)
+    x, y = mnist(4)
     for ball in (LpBall("l2", 1.0), LpBall("linf", 0.1)):
         with torch.no_grad():
             ibp, crown = ibp_margin(model, x, y, ball), crown_margin(model, x, y, ball)
