@@ -6,7 +6,8 @@ r"""Robust accuracy: a model's accuracy under attack, over radii, and under an e
   attack run only on the examples still unbroken (the scheme of AutoAttack
   :cite:`croce2020reliable`);
 * :func:`autoattack_like` -- :func:`worst_case` over APGD on the cross-entropy, APGD on the DLR
-  loss, and targeted APGD on the DLR loss towards the most likely other classes.
+  loss, targeted APGD on the DLR loss towards the most likely other classes, and the
+  gradient-free Square Attack.
 
 A robust accuracy is an upper bound on the true one: the stronger the attack, the tighter.
 
@@ -25,6 +26,7 @@ from robustdl._checks import check_images, check_labels, check_positive_int
 from robustdl._model import check_inputs, eval_mode
 from robustdl.attacks._core import best_of
 from robustdl.attacks.apgd import apgd
+from robustdl.attacks.square_attack import square
 from robustdl.threat import LpBall
 from robustdl.train import Attack, evaluate
 
@@ -123,13 +125,19 @@ def autoattack_like(
     steps: int = 100,
     targets: int = 9,
     generator: torch.Generator | None = None,
+    square_queries: int = 5000,
 ) -> Tensor:
     """An ensemble in the manner of AutoAttack's standard version :cite:`croce2020reliable`.
 
     :func:`worst_case` over :func:`~robustdl.attacks.apgd.apgd` on the cross-entropy, APGD
     on the DLR loss, then APGD-T: APGD on the targeted DLR loss towards each of the ``targets``
-    most likely other classes in turn (at most the number of classes less one). AutoAttack's
-    other two members, FAB-T and the black-box Square attack, are left out.
+    most likely other classes in turn (at most the number of classes less one), then the
+    gradient-free :func:`~robustdl.attacks.square_attack.square` with ``square_queries``
+    queries (AutoAttack's 5000). Square needs no gradient, so it breaks examples whose
+    gradients are masked or obfuscated, where the APGD runs stall: AutoAttack reads a
+    robust accuracy that only Square lowers as a sign of gradient masking. AutoAttack's fourth
+    member, FAB-T, is left out (it finds minimal perturbations, and adds little at a fixed
+    radius once APGD-T has run).
 
     Args:
         model: a classifier returning logits, taking images in [0, 1].
@@ -141,6 +149,8 @@ def autoattack_like(
         steps: APGD's iterations per run.
         targets: the number of target classes of APGD-T (0 for none).
         generator: the random generator of the starting points.
+        square_queries: the Square Attack's queries per example (0 leaves it out: a cheaper,
+            weaker ensemble, which overstates robustness where gradients are masked).
 
     Returns:
         New adversarial images, detached, in the ball and in [0, 1].
@@ -148,10 +158,14 @@ def autoattack_like(
     check_inputs(model, x, y)
     if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
         raise ValueError(f"targets must be an integer >= 0, got {targets!r}")
+    if isinstance(square_queries, bool) or not isinstance(square_queries, int) or square_queries < 0:
+        raise ValueError(f"square_queries must be an integer >= 0, got {square_queries!r}")
     common = {"eps": eps, "norm": norm, "steps": steps, "generator": generator}
     with torch.no_grad():
         classes = model(x[:1]).shape[1]
     ranks = range(1, min(targets, classes - 1) + 1)
     attacks = [partial(apgd, loss="ce", **common), partial(apgd, loss="dlr", **common)]
     attacks += [partial(_targeted_apgd, rank=rank, **common) for rank in ranks]
+    if square_queries:
+        attacks.append(partial(square, eps=eps, norm=norm, queries=square_queries, generator=generator))
     return worst_case(model, x, y, attacks)

@@ -2,6 +2,7 @@
 
 * :mod:`robustdl.train.loop` -- :func:`fit`, :func:`run_epoch`, :func:`evaluate`, checkpoints;
 * :mod:`robustdl.train.adversarial` -- PGD-AT, fast FGSM, free, YOPO, TRADES;
+* :mod:`robustdl.train.single_step` -- N-FGSM and GradAlign, single-step training without catastrophic overfitting;
 * distributional robustness: :mod:`robustdl.train.wrm` (WRM), :mod:`robustdl.train.vat` (VAT),
   :mod:`robustdl.train.feature_scattering`, :mod:`robustdl.train.atld` (latent distributions);
 * :mod:`robustdl.train.regularisers` -- spectral normalisation, Parseval, Lipschitz and weight-correlation penalties;

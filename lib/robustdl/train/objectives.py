@@ -12,6 +12,7 @@ from robustdl.train.certified import ibp_loss
 from robustdl.train.feature_scattering import feature_scattering_loss
 from robustdl.train.loop import Objective, standard_loss
 from robustdl.train.scr import at_scr_loss
+from robustdl.train.single_step import gradalign_loss, n_fgsm_loss
 from robustdl.train.vat import vat_loss
 from robustdl.train.wrm import wrm_loss
 
@@ -22,6 +23,8 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "standard": standard_loss,
     "pgd_at": pgd_at_loss,
     "fast_at": fast_at_loss,
+    "n_fgsm": n_fgsm_loss,
+    "gradalign": gradalign_loss,
     "trades": trades_loss,
     "wrm": wrm_loss,
     "vat": vat_loss,

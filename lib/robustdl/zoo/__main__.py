@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--device", default="cpu")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("--checkpoint", type=Path, help="write a checkpoint every epoch; resume from it if present")
+    train.add_argument("--folder", type=Path, default=zoo.ZOO_DIR, help="where to write weights and card")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, recipe in sorted(zoo.RECIPES.items()):
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:20s} {mark:12s} {recipe.description}")
     else:
         model_card = zoo.train(args.name, device=args.device, progress=False if args.no_progress else None,
-                               checkpoint=args.checkpoint)
+                               checkpoint=args.checkpoint, folder=args.folder)
         print(json.dumps(model_card, indent=2))
 
 
