@@ -54,7 +54,8 @@ def n_fgsm_loss(
     One FGSM step of size :math:`\alpha` from a noisy point :math:`x + \eta`,
     :math:`\eta \sim U(-k\epsilon, k\epsilon)^d`, and *no* projection back onto the ball:
 
-    .. math:: x^\star = \mathrm{clip}_{[0,1]}\big(x + \eta + \alpha\,\mathrm{sign}(\nabla_x L(x + \eta, y; \theta))\big),
+    .. math:: x^\star = \mathrm{clip}_{[0,1]}\big(x + \eta
+              + \alpha\,\mathrm{sign}(\nabla_x L(x + \eta, y; \theta))\big),
 
     then the loss :math:`L(x^\star, y; \theta)`. The paper's defaults are ``noise`` :math:`k = 2`
     and :math:`\alpha = \epsilon` (``step_size=None``); the perturbation can reach
@@ -87,7 +88,7 @@ def gradalign_loss(
     step_size: float | None = None,
     norm: str | float = "linf",
 ) -> Tensor:
-    r"""FGSM training with GradAlign, Andriushchenko and Flammarion (2020), :cite:`andriushchenko2020understanding` (eq. 6).
+    r"""FGSM training with GradAlign, Andriushchenko and Flammarion (2020) :cite:`andriushchenko2020understanding`.
 
     The FGSM loss at :math:`x^\star = \Pi_{S(x)}(x + \alpha\,\mathrm{sign}(\nabla_x L(x, y)))`
     plus :math:`\lambda` times the misalignment of the input gradient at :math:`x` and at a
