@@ -17,7 +17,7 @@ NOTEBOOKS := $(shell find book -name '*.ipynb' -not -path '*/.ipynb_checkpoints/
 ONLY ?=
 ONLY_ARGS := $(if $(strip $(ONLY)),--only $(ONLY))
 
-.PHONY: setup test lint pytest nbval book student experiments chapters cifar10-grid gpu-check data clean
+.PHONY: setup test lint pytest nbval book student autograde experiments chapters cifar10-grid gpu-check data clean
 
 setup: $(STAMP)
 
@@ -56,8 +56,14 @@ test: lint pytest nbval
 book: setup data
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
+# The students' version of every chapter, by nbgrader's generate_assignment: student/<part>/<chapter>.ipynb.
 student: setup
-	$(BIN)/python -m robustdl.student book student
+	$(BIN)/python -m robustdl.student release book student
+
+# nbgrader's autograde of every chapter (or ONLY="testing reliability"): the chapter itself must score
+# full marks, its untouched student version zero on every check; prints a table of points per chapter.
+autograde: setup data
+	$(BIN)/python -m robustdl.student autograde book $(ONLY_ARGS)
 
 experiments: setup data
 	@shopt -s nullglob; for f in experiments/*.yaml; do $(BIN)/python -m robustdl.experiments $$f || exit 1; done

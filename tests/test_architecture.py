@@ -18,7 +18,7 @@ import robustdl
 PACKAGE = Path(robustdl.__file__).parent
 
 FLOORS: list[set[str]] = [
-    {"_checks", "_random", "_progress", "display", "student"},
+    {"_checks", "_random", "_progress", "display", "student", "exercises"},
     {"models", "data"},
     {"threat", "_model", "losses", "layers", "ascent"},
     {"attacks", "verify"},
