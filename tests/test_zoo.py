@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from robustdl import accuracy, zoo
 from robustdl.attacks import fgsm, pgd
 from robustdl.data import data_root, load_dataset
+from robustdl.evaluation import autoattack_like
 from robustdl.train import evaluate
 from robustdl.verify import certified_accuracy, ibp_margin
 
@@ -48,24 +49,33 @@ def test_card_accuracy_is_reproduced_on_the_whole_test_split(name, minimum, mnis
     assert accuracy >= minimum
 
 
-#: Adversarially trained models and the least robust accuracy under the APGD ensemble their cards
-#: may report (the issue's target for PGD-AT: clean >= 98%, ensemble >= 89% at eps 0.3). Feature
-#: scattering makes no robustness claim: its single-step training gives none here.
-ROBUST = {"mnist_pgd_at": 0.89, "mnist_trades": 0.8, "mnist_fast": 0.5, "mnist_feature_scattering": 0.0}
+#: Adversarially trained models and the least robust accuracy under the ensemble (AutoAttack's standard
+#: strength, Square included) their cards may report: the issue's marks, PGD-AT clean >= 98% and >= 89% (Madry
+#: et al.), N-FGSM >= 83% (Wong et al.'s FGSM-RS under AutoAttack, at a third of PGD-AT's cost), TRADES >= 90%.
+#: Feature scattering makes no robustness claim: its single-step training gives none here.
+ROBUST = {"mnist_pgd_at": 0.89, "mnist_trades": 0.90, "mnist_nfgsm": 0.83, "mnist_feature_scattering": 0.0}
 
 
 @pytest.mark.parametrize("name", [n for n in ROBUST if n in zoo.available()])
 def test_robust_cards_report_pgd40_and_the_ensemble(name):
     card = zoo.card(name)
     assert card["robust_eps"] == 0.3 and card["recipe"]["objective"] != "standard"
+    assert card["ensemble"] == zoo.ENSEMBLE and card["robust_accuracy_ensemble_examples"] == 1000
     # The ensemble is the stronger evaluation: never above PGD-40 by more than its sampling error.
-    assert card["robust_accuracy_apgd_ensemble"] <= card["robust_accuracy_pgd40"] + 0.02
-    assert card["robust_accuracy_apgd_ensemble"] >= ROBUST[name] and card["test_accuracy"] > 0.95
+    assert card["robust_accuracy_ensemble"] <= card["robust_accuracy_pgd40"] + 0.02
+    assert card["robust_accuracy_ensemble"] >= ROBUST[name] and card["test_accuracy"] > 0.95
 
 
 def test_pgd_training_meets_madrys_mark():
     card = zoo.card("mnist_pgd_at")
-    assert card["test_accuracy"] >= 0.98 and card["robust_accuracy_apgd_ensemble"] >= 0.89
+    assert card["test_accuracy"] >= 0.98 and card["robust_accuracy_ensemble"] >= 0.89
+
+
+def test_single_step_training_costs_at_most_a_third_of_pgd_training():
+    """N-FGSM's 2 forward-backward passes per step against PGD-10's 11, over the same epochs."""
+    single, multi = (zoo.card(n)["recipe"] for n in ("mnist_nfgsm", "mnist_pgd_at"))
+    assert single["objective"] == "n_fgsm" and multi["objective"] == "pgd_at"
+    assert single["epochs"] * 2 <= multi["epochs"] * (multi["objective_kwargs"]["steps"] + 1) / 3
 
 
 @pytest.mark.mnist
@@ -81,6 +91,21 @@ def test_robust_cards_are_reproduced_on_a_sample(name, mnist_test):
 
 
 @pytest.mark.mnist
+@pytest.mark.parametrize("name", ["mnist_pgd_at", "mnist_trades", "mnist_nfgsm"])
+def test_the_ensemble_mark_is_reproduced_on_a_sample(name, mnist_test):
+    """The full-strength ensemble on the first 100 of the card's 1000 images: within sampling error of the card.
+
+    The card's 1000 images start with these 100, so the two agree to within 3 standard errors of a
+    proportion near 0.9 at n = 100 (0.09) whatever the other 900 hold.
+    """
+    model = zoo.load(name)
+    x, y = (t[:100] for t in mnist_test.tensors)
+    robust = accuracy(model, autoattack_like(model, x, y, 0.3, generator=torch.Generator().manual_seed(0)), y)
+    assert robust == pytest.approx(zoo.card(name)["robust_accuracy_ensemble"], abs=0.09)
+    assert robust <= accuracy(model, x, y)
+
+
+@pytest.mark.mnist
 @pytest.mark.skipif("mnist_ibp" not in zoo.available(), reason="mnist_ibp is not bundled")
 def test_ibp_card_is_certified_and_its_certificate_reproduced(mnist_test):
     """IBP training certifies at 0.3 (Gowal et al. 2018); on the card's 1000 images no certified accuracy
@@ -88,7 +113,7 @@ def test_ibp_card_is_certified_and_its_certificate_reproduced(mnist_test):
     card = zoo.card("mnist_ibp")
     assert card["recipe"]["objective"] == "ibp" and card["robust_eps"] == 0.3
     for bound in ("ibp", "crown"):
-        assert card[f"certified_accuracy_{bound}"] <= card["robust_accuracy_apgd_ensemble"]
+        assert card[f"certified_accuracy_{bound}"] <= card["robust_accuracy_ensemble"]
     assert card["certified_accuracy_ibp"] >= 0.85 and card["test_accuracy"] >= 0.94  # measured: 0.856, 0.944
     x, y = (t[:1000] for t in mnist_test.tensors)
     certified = certified_accuracy(zoo.load("mnist_ibp"), x, y, 0.3, bound=ibp_margin, batch_size=500)
@@ -164,10 +189,10 @@ def test_cifar10_cards_meet_their_marks(name):
     assert zoo.dataset_of(name) == "cifar10" and card["robust_eps"] == pytest.approx(mark["eps"])
     assert card["test_accuracy"] >= mark["clean"]
     # The ensemble is the stronger attack: never above PGD-40 by more than its sampling error.
-    assert card["robust_accuracy_apgd_ensemble"] <= card["robust_accuracy_pgd40"] + 0.03
-    assert card["robust_accuracy_apgd_ensemble"] >= mark.get("ensemble", 0.0)
+    assert card["robust_accuracy_ensemble"] <= card["robust_accuracy_pgd40"] + 0.03
+    assert card["robust_accuracy_ensemble"] >= mark.get("ensemble", 0.0)
     if "certified_accuracy_ibp" in mark:  # a certificate is a lower bound on what any attack leaves
-        assert mark["certified_accuracy_ibp"] <= card["certified_accuracy_ibp"] <= card["robust_accuracy_apgd_ensemble"]
+        assert mark["certified_accuracy_ibp"] <= card["certified_accuracy_ibp"] <= card["robust_accuracy_ensemble"]
 
 
 @needs_cifar
