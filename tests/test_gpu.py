@@ -118,6 +118,7 @@ from robustdl.verify import (
     certified_accuracy,
     clever,
     crown_bounds,
+    crown_ibp_margin,
     crown_margin,
     exact_margin,
     exact_min_margin,
@@ -448,6 +449,7 @@ OBJECTIVE_ARGS: dict[str, dict[str, object]] = {
     "vat": {"eps": 0.5},
     "feature_scattering": {"eps": EPS},
     "ibp": {"eps": 0.01},
+    "crown_ibp": {"eps": 0.01, "beta": 0.5},
     "at_scr": {"eps": EPS, "steps": 2},
     "free": {"eps": EPS, "replays": 2},
 }
@@ -704,6 +706,7 @@ VERIFY: dict[str, Case] = {
     "margin_spec": Case(_spec, _check_spec),
     "ibp_margin": Case(lambda e: ibp_margin(e.model, e.x, e.y, EPS), _margin_lower),
     "crown_margin": Case(lambda e: crown_margin(e.model, e.x, e.y, EPS), _margin_lower),
+    "crown_ibp_margin": Case(lambda e: crown_ibp_margin(e.model, e.x, e.y, EPS, beta=0.5), _margin_lower),
     "preactivation_bounds": Case(lambda e: preactivation_bounds(e.model, e.x, EPS), _check_relu_bounds),
     "certified": Case(lambda e: certified(e.model, e.x, e.y, 0.001), _check_certified),
     "certified_accuracy[ibp]": Case(lambda e: certified_accuracy(e.model, e.x, e.y, 0.001, bound=ibp_margin,
