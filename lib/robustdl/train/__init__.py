@@ -6,6 +6,7 @@
 * distributional robustness: :mod:`robustdl.train.wrm` (WRM), :mod:`robustdl.train.vat` (VAT),
   :mod:`robustdl.train.feature_scattering`, :mod:`robustdl.train.atld` (latent distributions);
 * :mod:`robustdl.train.regularisers` -- spectral normalisation, Parseval, Lipschitz and weight-correlation penalties;
+* :mod:`robustdl.train.certified` -- certified training through bounds: IBP and CROWN-IBP;
 * :mod:`robustdl.train.scr` -- adversarial training with shift consistency regularisation (AT-SCR);
 * :mod:`robustdl.train.distributed` -- the same loop under ``torchrun``.
 """

@@ -8,7 +8,7 @@ from typing import Any
 
 from robustdl._checks import check_positive_int
 from robustdl.train.adversarial import EpsilonRamp, FreeAT, fast_at_loss, pgd_at_loss, trades_loss
-from robustdl.train.certified import ibp_loss
+from robustdl.train.certified import crown_ibp_loss, ibp_loss
 from robustdl.train.feature_scattering import feature_scattering_loss
 from robustdl.train.loop import Objective, standard_loss
 from robustdl.train.scr import at_scr_loss
@@ -30,6 +30,7 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "vat": vat_loss,
     "feature_scattering": feature_scattering_loss,
     "ibp": ibp_loss,
+    "crown_ibp": crown_ibp_loss,
     "at_scr": at_scr_loss,
 }
 #: Stateful objectives, built by their class.

@@ -1,6 +1,6 @@
 """Verification: sound bounds, exact solvers and certified robustness of neural networks.
 
-* :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP) and CROWN, certified accuracy,
+* :mod:`robustdl.verify.bounds` -- interval bound propagation (IBP), CROWN and CROWN-IBP, certified accuracy,
   over the bound operators of :mod:`robustdl.verify.operators` (dense rows, or local windows:
   :mod:`robustdl.verify.patches`);
 * :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP);
@@ -16,6 +16,7 @@ from robustdl.verify.bounds import (
     certified,
     certified_accuracy,
     crown_bounds,
+    crown_ibp_margin,
     crown_margin,
     ibp_margin,
     interval_bounds,
@@ -26,7 +27,7 @@ from robustdl.verify.milp import MarginResult, exact_margin, exact_min_margin
 from robustdl.verify.operators import BoundOp, layers, operators
 
 # One line per module: each module appends its own names.
-__all__ = ["certified", "certified_accuracy", "crown_bounds", "crown_margin", "ibp_margin",
+__all__ = ["certified", "certified_accuracy", "crown_bounds", "crown_ibp_margin", "crown_margin", "ibp_margin",
            "interval_bounds", "margin_spec", "preactivation_bounds"]
 __all__ += ["MarginResult", "exact_margin", "exact_min_margin"]
 __all__ += ["BoundOp", "layers", "operators"]

@@ -13,7 +13,9 @@ c_k^\top f(x') \le \overline{m}_k` for every :math:`x' \in B(x)`. With the margi
   :cite:`gowal2018effectiveness`: push the box through layer by layer;
 * :func:`crown_bounds` -- CROWN, Zhang et al. (2018) :cite:`zhang2018efficient`: bound each ReLU
   between two lines and propagate the specification backwards as one linear function of the
-  input, which is then bounded over the box.
+  input, which is then bounded over the box;
+* :func:`crown_ibp_margin` -- CROWN-IBP, Zhang et al. (2020) :cite:`zhang2020towards`: IBP for the
+  intermediate layers, one CROWN pass for the margins (cheap enough to train through).
 
 A network is an :class:`~torch.nn.Sequential` of ``Linear``, ``Conv2d``, ``ReLU``, ``Flatten`` and
 :class:`~robustdl.models.Normalize` layers, or one of our models whose ``.net`` is such a
@@ -31,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from robustdl._checks import check_images, check_labels, check_positive_int
+from robustdl._checks import check_fraction, check_images, check_labels, check_positive_int
 from robustdl.threat import LpBall, as_ball
 from robustdl.verify.operators import BoundConv2d, BoundOp, BoundReLU, Interval, operators
 from robustdl.verify.patches import Patches
@@ -40,6 +42,7 @@ __all__ = [
     "certified",
     "certified_accuracy",
     "crown_bounds",
+    "crown_ibp_margin",
     "crown_margin",
     "ibp_margin",
     "input_box",
@@ -238,14 +241,17 @@ def interval_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tens
     Differentiable: :func:`robustdl.train.certified.ibp_loss` trains through it.
     """
     ops, ball = operators(model), as_ball(eps)
-    inputs, (lower, upper) = _propagate(ops, ball, check_images(x), crown=False)
-    spec = _check_spec(spec, x, lower.shape[1])
-    if spec is None:
-        return lower, upper
+    inputs, output = _propagate(ops, ball, check_images(x), crown=False)
+    spec = _check_spec(spec, x, output[0].shape[1])
+    return output if spec is None else _interval_spec(ops, inputs, output, spec)
+
+
+def _interval_spec(ops: list[BoundOp], inputs: list[Interval], output: Interval, spec: Tensor) -> Interval:
+    """IBP's bounds (N, K) on ``spec`` (N, K, C) times the output, merged into the last affine layer if there is one."""
     if ops and ops[-1].affine:
         A, bias = ops[-1].backward(spec, *inputs[-1])
         return _concretize(A, *inputs[-1]) + bias, -_concretize(-A, *inputs[-1]) + bias
-    return _concretize(spec, lower, upper), -_concretize(-spec, lower, upper)
+    return _concretize(spec, *output), -_concretize(-spec, *output)
 
 
 def crown_bounds(model: nn.Module, x: Tensor, eps: float | LpBall, spec: Tensor | None = None,
@@ -330,6 +336,32 @@ def ibp_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall) -> T
 def crown_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall) -> Tensor:
     r"""CROWN lower bounds (N, C-1) on the margins :math:`f_y(x') - f_j(x')`, :math:`j \ne y`, over the ball."""
     return _margin(crown_bounds, model, x, y, eps, upper=False)
+
+
+def crown_ibp_margin(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall, beta: float = 1.0) -> Tensor:
+    r"""CROWN-IBP lower bounds (N, C-1) on the margins, Zhang et al. (2020) :cite:`zhang2020towards`, Section 3.
+
+    One interval pass (IBP) bounds every layer; one CROWN backward pass from the margin
+    specification to the input then bounds the margins, relaxing each ReLU with the interval bounds
+    of its input (:func:`crown_bounds` with ``intermediate="ibp"``: the cost of a backward pass of
+    C-1 rows, against CROWN's pass per layer). With ``beta`` in [0, 1] it returns the paper's mix of
+    the two sound bounds of the same interval pass, itself sound,
+
+    .. math:: \beta\, \underline{m}_{\text{CROWN-IBP}} + (1 - \beta)\, \underline{m}_{\text{IBP}},
+
+    which :func:`robustdl.train.certified.crown_ibp_loss` trains through (``beta=0`` is
+    :func:`ibp_margin` exactly). Differentiable. Neither bound is always the tighter: on IBP-trained
+    networks CROWN-IBP is often the looser, as the paper observes. Taught in the chapter
+    *Linear relaxations and certified training*.
+    """
+    beta = check_fraction(beta, "beta")
+    check_labels(y, check_images(x))
+    ops, ball = operators(model), as_ball(eps)
+    inputs, output = _propagate(ops, ball, x, crown=False)
+    spec = margin_spec(y, output[0].shape[1]).to(x.dtype)
+    crown = _crown(ops, inputs, spec, ball, x, upper=False)[0] if beta > 0 else 0.0
+    ibp = _interval_spec(ops, inputs, output, spec)[0] if beta < 1 else 0.0
+    return beta * crown + (1 - beta) * ibp  # each term skipped at its weight 0, the other kept exactly
 
 
 def certified(model: nn.Module, x: Tensor, y: Tensor, eps: float | LpBall, bound: Margin = crown_margin) -> Tensor:

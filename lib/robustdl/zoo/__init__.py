@@ -30,7 +30,7 @@ from robustdl.models import build_model
 from robustdl.threat import LpBall
 from robustdl.train import evaluate, fit, seed_everything
 from robustdl.train.objectives import make_objective
-from robustdl.verify import certified_accuracy, crown_margin, ibp_margin
+from robustdl.verify import certified_accuracy, crown_ibp_margin, crown_margin, ibp_margin
 
 __all__ = [
     "RECIPES", "Recipe", "available", "card", "dataset_of", "load", "measure", "robust_metrics", "threat_model",
@@ -121,6 +121,16 @@ RECIPES: dict[str, Recipe] = {
         description="Interval bound propagation training (Gowal et al. 2018) for certified robustness at Linf "
                     "eps 0.3: trained at eps 0.4, kappa * CE(clean) + (1 - kappa) * CE(worst-case logits), eps "
                     "ramped up from 0 and kappa down from 1 to 0.5 over the first 3000 steps; Adam, one-cycle.",
+    ),
+    "mnist_crown_ibp": Recipe(
+        model="convsmall", dataset="mnist", epochs=20, lr=2e-3, objective="crown_ibp",
+        objective_kwargs={"eps": 0.4, "kappa": 0.5, "beta": 0.0, "full_eps": 0.4}, warmup=3000, robust_eps=0.3,
+        certify=("ibp", "crown_ibp", "crown"),
+        description="CROWN-IBP training (Zhang et al. 2020) for certified robustness at Linf eps 0.3: trained at "
+                    "eps 0.4, kappa * CE(clean) + (1 - kappa) * CE(worst-case logits of beta * CROWN-IBP + "
+                    "(1 - beta) * IBP margins), eps ramped up from 0, kappa down from 1 to 0.5 and beta from 1 "
+                    "to 0 over the first 3000 steps (IBP alone after them); Adam, one-cycle. mnist_ibp's recipe "
+                    "otherwise.",
     ),
     "cifar10_convlarge": Recipe(
         model="convlarge", dataset="cifar10", epochs=10, lr=1e-3, augment=True,
@@ -223,9 +233,9 @@ def robust_metrics(
     PGD-40 takes 40 steps of 0.01 (scaled by ``eps / 0.3``) from a random start, Madry et al.'s
     MNIST evaluation; the ensemble is :func:`~robustdl.evaluation.autoattack_like` at its standard
     strength (APGD and Square, :data:`ENSEMBLE`) on the first ``ensemble_examples`` test images;
-    on the same images, the accuracy certified by the bounds named in ``certify`` (IBP, CROWN:
-    :func:`~robustdl.verify.certified_accuracy`), a lower bound where the attacks give upper ones.
-    Everything runs on the model's device.
+    on the same images, the accuracy certified by the bounds named in ``certify`` (IBP, CROWN-IBP,
+    CROWN: :func:`~robustdl.verify.certified_accuracy`), a lower bound where the attacks give upper
+    ones. Everything runs on the model's device.
     """
     ball = threat if isinstance(threat, LpBall) else LpBall("linf", threat)
     test = loader(dataset, "test", batch_size=500)
@@ -233,7 +243,7 @@ def robust_metrics(
     where = next(model.parameters()).device
     x, y = (t[:ensemble_examples].to(where) for t in test.dataset.tensors)
     x_adv = autoattack_like(model, x, y, ball, generator=torch.Generator(where).manual_seed(0))
-    bounds = {"ibp": ibp_margin, "crown": crown_margin}
+    bounds = {"ibp": ibp_margin, "crown_ibp": crown_ibp_margin, "crown": crown_margin}
     return {
         "robust_norm": ball.name,
         "robust_eps": ball.eps,
