@@ -33,8 +33,8 @@ from robustdl.train.objectives import make_objective
 from robustdl.verify import certified_accuracy, crown_ibp_margin, crown_margin, ibp_margin
 
 __all__ = [
-    "RECIPES", "Recipe", "available", "card", "dataset_of", "load", "measure", "robust_metrics", "threat_model",
-    "train",
+    "RECIPES", "Recipe", "available", "card", "dataset_of", "ensemble_metrics", "load", "measure", "robust_metrics",
+    "threat_model", "train",
 ]
 
 ZOO_DIR = Path(__file__).parent
@@ -231,37 +231,49 @@ def robust_metrics(
 
     ``threat`` is an :class:`~robustdl.threat.LpBall` (a bare float: the Linf ball of that radius).
     PGD-40 takes 40 steps of 0.01 (scaled by ``eps / 0.3``) from a random start, Madry et al.'s
-    MNIST evaluation; the ensemble is :func:`~robustdl.evaluation.autoattack_like` at its standard
-    strength (APGD and Square, :data:`ENSEMBLE`) on the first ``ensemble_examples`` test images;
-    on the same images, the accuracy certified by the bounds named in ``certify`` (IBP, CROWN-IBP,
-    CROWN: :func:`~robustdl.verify.certified_accuracy`), a lower bound where the attacks give upper
-    ones. Everything runs on the model's device.
+    MNIST evaluation; the ensemble is :func:`ensemble_metrics`; on the same images, the accuracy
+    certified by the bounds named in ``certify`` (IBP, CROWN-IBP, CROWN:
+    :func:`~robustdl.verify.certified_accuracy`), a lower bound where the attacks give upper ones.
+    Everything runs on the model's device.
     """
     ball = threat if isinstance(threat, LpBall) else LpBall("linf", threat)
     test = loader(dataset, "test", batch_size=500)
     pgd40 = partial(pgd, eps=ball.eps, norm=ball.name, steps=40, step_size=0.01 * ball.eps / 0.3)
-    where = next(model.parameters()).device
-    x, y = (t[:ensemble_examples].to(where) for t in test.dataset.tensors)
-    x_adv = autoattack_like(model, x, y, ball, generator=torch.Generator(where).manual_seed(0))
+    x, y = _first_test_images(model, dataset, ensemble_examples)
     bounds = {"ibp": ibp_margin, "crown_ibp": crown_ibp_margin, "crown": crown_margin}
     return {
         "robust_norm": ball.name,
         "robust_eps": ball.eps,
         "robust_accuracy_pgd40": evaluate(model, test, attack=pgd40, progress=False)["accuracy"],
-        "robust_accuracy_ensemble": accuracy(model, x_adv, y),
-        "robust_accuracy_ensemble_examples": len(x),
-        "ensemble": ENSEMBLE,
+        **ensemble_metrics(model, dataset, ball, ensemble_examples),
         # Sound lower bounds on robust accuracy, on the same images (robustdl.verify).
         **{f"certified_accuracy_{name}": certified_accuracy(model, x, y, ball, bound=bounds[name]) for name in certify},
     }
 
 
-def measure(name: str, folder: Path = ZOO_DIR, device: torch.device | str = "cpu") -> dict[str, object]:
-    """Re-measure the robustness on bundled model ``name``'s card from its stored weights, and rewrite the card.
+def _first_test_images(model: nn.Module, dataset: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images and labels of ``dataset``, on the model's device."""
+    where = next(model.parameters()).device
+    return tuple(t[:n].to(where) for t in loader(dataset, "test", batch_size=500).dataset.tensors)
 
-    For a stronger evaluation than the one the card was made with: the weights, the recipe and
-    the training record are left as they are; the robust accuracies are replaced by
-    :func:`robust_metrics`' (``python -m robustdl.zoo measure NAME``).
+
+def ensemble_metrics(model: nn.Module, dataset: str, ball: LpBall,
+                     examples: int = ENSEMBLE_EXAMPLES) -> dict[str, object]:
+    """The accuracy left by :func:`~robustdl.evaluation.autoattack_like` at its standard strength
+    (APGD and Square, :data:`ENSEMBLE`) on the first ``examples`` test images, seeded."""
+    x, y = _first_test_images(model, dataset, examples)
+    x_adv = autoattack_like(model, x, y, ball, generator=torch.Generator(x.device).manual_seed(0))
+    return {"robust_accuracy_ensemble": accuracy(model, x_adv, y), "robust_accuracy_ensemble_examples": len(x),
+            "ensemble": ENSEMBLE}
+
+
+def measure(name: str, folder: Path = ZOO_DIR, device: torch.device | str = "cpu") -> dict[str, object]:
+    """Re-measure the ensemble accuracy on bundled model ``name``'s card from its stored weights; rewrite the card.
+
+    For a card made with a weaker ensemble (before the Square Attack joined it): the weights, the
+    recipe, the training record, PGD-40 and the certificates (which depend on the weights alone)
+    are left as they are; the ensemble's accuracy is replaced by :func:`ensemble_metrics`'
+    (``python -m robustdl.zoo measure NAME``).
     """
     recipe, threat = _check_name(name), threat_model(name)
     if threat is None:
@@ -269,12 +281,11 @@ def measure(name: str, folder: Path = ZOO_DIR, device: torch.device | str = "cpu
     path = _card_path(name, folder)
     model_card = json.loads(path.read_text())
     model = _stored(recipe, _weights_path(name, folder)).to(device)
-    stale = [k for k in model_card if k.startswith(("robust_accuracy", "certified_accuracy"))]
-    model_card = {k: v for k, v in model_card.items() if k not in stale}
-    robustness = robust_metrics(model, recipe.dataset, threat, recipe.ensemble_examples, recipe.certify)
-    fields = list(model_card)
-    at = fields.index("test_loss") + 1 if "test_loss" in fields else len(fields)
-    model_card = {**{k: model_card[k] for k in fields[:at]}, **robustness, **{k: model_card[k] for k in fields[at:]}}
+    ensemble = ensemble_metrics(model, recipe.dataset, threat, recipe.ensemble_examples)
+    stale = ("robust_accuracy_apgd_ensemble", "robust_accuracy_apgd_ensemble_examples", *ensemble)
+    fields = [k for k in model_card if k not in stale]
+    at = fields.index("robust_accuracy_pgd40") + 1 if "robust_accuracy_pgd40" in fields else len(fields)
+    model_card = {**{k: model_card[k] for k in fields[:at]}, **ensemble, **{k: model_card[k] for k in fields[at:]}}
     path.write_text(json.dumps(model_card, indent=2) + "\n")
     return model_card
 
