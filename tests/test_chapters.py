@@ -21,8 +21,8 @@ def book_stems() -> list[str]:
     return sorted(p.stem for p in (ROOT / "book").rglob("*.ipynb") if "_build" not in p.parts)
 
 
-def test_the_book_has_its_fourteen_chapters() -> None:
-    assert len(book_stems()) == 14, book_stems()
+def test_the_book_has_its_fifteen_chapters() -> None:
+    assert len(book_stems()) == 15, book_stems()
 
 
 @pytest.mark.parametrize("stem", book_stems())

@@ -116,6 +116,8 @@ from robustdl.verify import (
     boundary_coverage,
     certified,
     certified_accuracy,
+    certify,
+    class_counts,
     clever,
     crown_bounds,
     crown_ibp_margin,
@@ -134,6 +136,8 @@ from robustdl.verify import (
     reachability,
     safety,
     sign_sign_coverage,
+    smoothed_certified_accuracy,
+    smoothed_predict,
 )
 from robustdl.verify.bounds import input_box
 from robustdl.verify.clever import clever_one
@@ -454,6 +458,7 @@ OBJECTIVE_ARGS: dict[str, dict[str, object]] = {
     "crown_ibp": {"eps": 0.01, "beta": 0.5},
     "at_scr": {"eps": EPS, "steps": 2},
     "free": {"eps": EPS, "replays": 2},
+    "gaussian_noise": {"sigma": 0.25},
 }
 
 
@@ -694,6 +699,16 @@ def _check_mh_step(env: Env, out: object) -> None:
     assert torch.allclose(same_place(s, env), violation(env.mlp, z, env.labels))
     assert same_place(accepted, env, torch.bool).shape == (len(env.points),)
 
+def assert_counts(counts: Tensor, examples: int, n: int) -> None:
+    assert counts.shape == (examples, 10) and (counts.sum(1) == n).all()
+
+
+def _check_certify(env: Env, cert: object) -> None:
+    same_place(cert.prediction, env, torch.int64)
+    assert (same_place(cert.radius, env, torch.float64) >= 0).all()
+    assert ((same_place(cert.p_lower, env, torch.float64) > 0.5) == (cert.prediction >= 0)).all()
+
+
 VERIFY: dict[str, Case] = {
     "input_box": Case(lambda e: input_box(e.x, EPS), _bounds_hold(lambda e: e.x)),
     "interval_bounds": Case(lambda e: interval_bounds(e.model, e.x, EPS), _bounds_hold(_logits)),
@@ -744,6 +759,15 @@ VERIFY: dict[str, Case] = {
     "boundary_coverage": Case(lambda e: boundary_coverage(e.model, e.x[:2], activation_profile(e.model, e.x[2:])),
                               lambda e, c: _coverage((2, _neurons(e)))(e, c)),
     "sign_sign_coverage": Case(lambda e: sign_sign_coverage(e.model, e.x, chunk=2), _check_ss),
+    "class_counts": Case(lambda e: class_counts(e.model, e.x, 0.25, 10, batch_size=4, generator=e.gen()),
+                         lambda e, c: assert_counts(same_place(c, e, torch.int64), len(e.x), 10)),
+    "smoothed_predict": Case(lambda e: smoothed_predict(e.model, e.x, 0.25, 10, batch_size=4, generator=e.gen()),
+                             holds(lambda e, p: same_place(p, e, torch.int64).shape == (len(e.x),)),
+                             covers=("binomial_test_half",)),
+    "certify": Case(lambda e: certify(e.model, e.x, 0.25, n0=4, n=10, batch_size=4, generator=e.gen()), _check_certify,
+                    covers=("Certificate", "clopper_pearson_lower", "certified_radius")),
+    "smoothed_certified_accuracy": Case(lambda e: smoothed_certified_accuracy(
+        certify(e.model, e.x, 0.25, n0=4, n=10, generator=e.gen()), e.y, 0.1), fraction),
     "generate_tests": Case(lambda e: generate_tests(e.model, e.x, e.y, eps=EPS, budget=4, steps=2, generator=e.gen()),
                            _check_tests, covers=("TestReport", "neuron_targets")),
 }
@@ -960,7 +984,7 @@ MODULES = [
     "robustdl.train.feature_scattering", "robustdl.train.atld", "robustdl.train.regularisers",
     "robustdl.train.certified", "robustdl.train.scr", "robustdl.verify", "robustdl.verify.bounds",
     "robustdl.verify.operators", "robustdl.verify.patches", "robustdl.verify.milp", "robustdl.verify.clever",
-    "robustdl.verify.deepgo", "robustdl.verify.splitting",
+    "robustdl.verify.deepgo", "robustdl.verify.splitting", "robustdl.verify.smoothing", "robustdl.train.noise",
     "robustdl.verify.coverage", "robustdl.verify.testgen", "robustdl.measures", "robustdl.reliability",
     "robustdl.data", "robustdl.plot",
 ]
@@ -984,6 +1008,7 @@ NO_TENSORS = {
     "Objective": "a type alias",
     "Penalty": "a type alias",
     "EMPTY": "a constant",
+    "ABSTAIN": "a constant",
     "CROSS": "a constant",
     "CLASS_NAMES": "class names",
     "DATASETS": "dataset names",

@@ -14,7 +14,14 @@ from robustdl.attacks import fgsm, pgd
 from robustdl.data import data_root, load_dataset
 from robustdl.evaluation import autoattack_like
 from robustdl.train import evaluate
-from robustdl.verify import certified_accuracy, ibp_margin
+from robustdl.verify import (
+    certified_accuracy,
+    certified_radius,
+    certify,
+    clopper_pearson_lower,
+    ibp_margin,
+    smoothed_certified_accuracy,
+)
 
 needs_cifar = pytest.mark.skipif(
     not (data_root() / "cifar-10-batches-py").exists() and not os.environ.get("CI"), reason="no offline CIFAR-10")
@@ -118,6 +125,38 @@ def test_ibp_card_is_certified_and_its_certificate_reproduced(mnist_test):
     x, y = (t[:1000] for t in mnist_test.tensors)
     certified = certified_accuracy(zoo.load("mnist_ibp"), x, y, 0.3, bound=ibp_margin, batch_size=500)
     assert certified == pytest.approx(card["certified_accuracy_ibp"], abs=2e-3)
+
+
+SMOOTHED = [name for name, recipe in zoo.RECIPES.items() if recipe.smoothing_radii and name in zoo.available()]
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_smoothing_cards_state_their_certificates(name):
+    """Cohen et al.'s certificates on the card: n0, n, alpha stated, no radius beyond what n samples can
+    certify, and at the smallest radius smoothing certifies more than CROWN does on the same network."""
+    card = zoo.card(name)
+    s, smoothed, crown = card["smoothing"], card["smoothed_certified_accuracy_l2"], card["crown_certified_accuracy_l2"]
+    assert card["recipe"]["objective"] == "gaussian_noise" and s["sigma"] == card["recipe"]["objective_kwargs"]["sigma"]
+    assert {"examples", "n0", "n", "alpha", "abstained"} <= set(s)
+    radii = [float(r) for r in smoothed]
+    assert radii == list(card["recipe"]["smoothing_radii"]) and list(crown) == list(smoothed)
+    values = list(smoothed.values())
+    assert values == sorted(values, reverse=True)
+    assert all(a == 0 for r, a in zip(radii, values, strict=True) if r > s["max_certifiable_radius"])
+    assert smoothed[str(radii[0])] > crown[str(radii[0])]
+    assert smoothed[str(radii[0])] <= card["test_accuracy"] + 0.05
+
+
+@pytest.mark.parametrize("name", [n for n in SMOOTHED if zoo.dataset_of(n) == "mnist"])
+def test_smoothing_card_is_reproduced_on_a_sample(name, mnist):
+    """CERTIFY on the first 20 of the card's images with n = 2000 (its radius cap is above the card's smallest
+    radius) certifies about as many at that radius as the card (binomial error of 20 images)."""
+    card = zoo.card(name)
+    sigma, radius = card["smoothing"]["sigma"], card["recipe"]["smoothing_radii"][0]
+    x, y = mnist(20)
+    cert = certify(zoo.load(name), x, sigma, n0=100, n=2000, generator=torch.Generator().manual_seed(0))
+    assert certified_radius(clopper_pearson_lower(2000, 2000, 0.001), sigma) > radius
+    assert smoothed_certified_accuracy(cert, y, radius) >= card["smoothed_certified_accuracy_l2"][str(radius)] - 0.15
 
 
 def test_load_is_weights_only_and_in_eval_mode(monkeypatch):

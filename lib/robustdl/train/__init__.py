@@ -7,6 +7,7 @@
   :mod:`robustdl.train.feature_scattering`, :mod:`robustdl.train.atld` (latent distributions);
 * :mod:`robustdl.train.regularisers` -- spectral normalisation, Parseval, Lipschitz and weight-correlation penalties;
 * :mod:`robustdl.train.certified` -- certified training through bounds: IBP and CROWN-IBP;
+* :mod:`robustdl.train.noise` -- Gaussian data augmentation, the base classifier of randomised smoothing;
 * :mod:`robustdl.train.scr` -- adversarial training with shift consistency regularisation (AT-SCR);
 * :mod:`robustdl.train.distributed` -- the same loop under ``torchrun``.
 """

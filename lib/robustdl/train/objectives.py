@@ -11,6 +11,7 @@ from robustdl.train.adversarial import EpsilonRamp, FreeAT, fast_at_loss, pgd_at
 from robustdl.train.certified import crown_ibp_loss, ibp_loss
 from robustdl.train.feature_scattering import feature_scattering_loss
 from robustdl.train.loop import Objective, standard_loss
+from robustdl.train.noise import gaussian_noise_loss
 from robustdl.train.scr import at_scr_loss
 from robustdl.train.single_step import gradalign_loss, n_fgsm_loss
 from robustdl.train.vat import vat_loss
@@ -32,6 +33,7 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "ibp": ibp_loss,
     "crown_ibp": crown_ibp_loss,
     "at_scr": at_scr_loss,
+    "gaussian_noise": gaussian_noise_loss,
 }
 #: Stateful objectives, built by their class.
 _CLASSES: dict[str, Callable[..., Objective]] = {"free": FreeAT}

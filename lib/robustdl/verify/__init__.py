@@ -5,6 +5,7 @@
   :mod:`robustdl.verify.patches`);
 * :mod:`robustdl.verify.milp` -- the exact worst-case margin of a small ReLU network (MILP);
 * :mod:`robustdl.verify.deepgo` -- Lipschitz global optimisation with converging bounds (DeepGO);
+* :mod:`robustdl.verify.smoothing` -- randomised smoothing: certified L2 radii by sampling;
 * :mod:`robustdl.verify.clever` -- CLEVER scores (extreme value theory);
 * :mod:`robustdl.verify.splitting` -- adaptive multi-level splitting for rare violations;
 * :mod:`robustdl.verify.coverage`, :mod:`robustdl.verify.testgen` -- coverage criteria and test generation.
@@ -54,3 +55,17 @@ from robustdl.verify.testgen import TestReport, generate_tests  # noqa: E402
 __all__ += ["ActivationProfile", "Coverage", "activation_profile", "boundary_coverage", "kmultisection_coverage",
             "neuron_coverage", "sign_sign_coverage"]
 __all__ += ["TestReport", "generate_tests"]
+
+from robustdl.verify.smoothing import (  # noqa: E402
+    Certificate,
+    binomial_test_half,
+    certified_radius,
+    certify,
+    class_counts,
+    clopper_pearson_lower,
+    smoothed_certified_accuracy,
+    smoothed_predict,
+)
+
+__all__ += ["Certificate", "binomial_test_half", "certified_radius", "certify", "class_counts", "clopper_pearson_lower",
+            "smoothed_certified_accuracy", "smoothed_predict"]
