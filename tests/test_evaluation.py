@@ -131,12 +131,12 @@ class Quantised(nn.Module):
 def test_the_ensemble_breaks_a_model_with_masked_gradients_that_its_apgd_part_cannot(mnist, seeded, norm, eps):
     """Input quantisation masks the gradient of the (non-robust) standard CNN: APGD sees zero gradients and
     stalls at the clean accuracy, while the gradient-free Square Attack, in the default ensemble, breaks it.
-    Measured on these 40 images: APGD part 0.975 (Linf) / 0.975 (L2); with Square 0.0 / 0.05."""
-    model = Quantised(zoo.load("mnist_smallcnn"))
-    x, y = mnist(40)
+    Measured on these 30 images: APGD part 1.0 (Linf) / 1.0 (L2); with Square 0.0 / 0.07 (about 5 s in all)."""
+    model = Quantised(zoo.load("mnist_convsmall"))
+    x, y = mnist(30)
     common = {"eps": eps, "norm": norm, "steps": 10, "targets": 1}
     apgd_part = accuracy(model, autoattack_like(model, x, y, square_queries=0, generator=seeded(), **common), y)
-    ensemble = accuracy(model, autoattack_like(model, x, y, square_queries=1000, generator=seeded(), **common), y)
+    ensemble = accuracy(model, autoattack_like(model, x, y, square_queries=500, generator=seeded(), **common), y)
     assert apgd_part >= 0.9 and ensemble <= apgd_part - 0.5
 
 
